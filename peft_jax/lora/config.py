@@ -1,0 +1,182 @@
+"""Configuration of LoRA-family adapters (LoRA, rsLoRA, DoRA, PiSSA, OLoRA)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from peft_jax import targeting
+
+CONFIG_FORMAT_VERSION = 1
+
+_INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+_PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
+
+
+def _check_init(init: str | bool) -> str:
+  if init is True:
+    return "default"
+  if not isinstance(init, str) or not (init in _INITS or _PISSA_NITER.fullmatch(init)):
+    raise ValueError(
+        f"Unknown init {init!r}; expected one of {_INITS} or 'pissa_niter_K'.")
+  return init
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class LoRAConfig:
+  """What to adapt and how.
+
+  Attributes:
+    rank: the adapter rank ``r``.
+    alpha: scaling numerator: the update is ``alpha / r * B A`` (``alpha /
+      sqrt(r)`` with ``use_rslora``).
+    target_modules: names (exact or ``/``-suffix of the module path), a regex
+      (``re.fullmatch`` on the ``/``-joined path), or ``"all-linear"``.
+    exclude_modules: the same forms; matching modules are not adapted.
+    layers_to_transform: only adapt these unrolled layer indices (``layers_3``).
+    dropout: dropout rate on the adapter input (training only).
+    use_rslora: rank-stabilised scaling ``alpha / sqrt(r)`` (Kalajdzievski 2023).
+    use_dora: weight-decomposed adaptation (Liu et al. 2024): adds a trainable
+      ``lora_magnitude`` per output feature.
+    magnitude_trainable: DoRA only; ``False`` keeps the magnitude frozen (it
+      then goes to the base tree in :func:`peft_jax.split`).
+    init: ``"default"`` (Kaiming-uniform A, zero B, as Hugging Face PEFT),
+      ``"gaussian"`` (A ~ N(0, 1/r^2)), ``"pissa"``, ``"pissa_niter_K"``,
+      ``"olora"`` (these rewrite the base kernel, see ALGORITHMS.md 9), or
+      ``"loftq"`` (for NF4 bases, see :mod:`peft_jax.quant`).
+    rank_pattern: ``{regex: rank}`` per-module ranks (first match wins).
+    alpha_pattern: ``{regex: alpha}`` per-module alphas (first match wins).
+    adapter_dtype: dtype of adapter leaves; ``None`` takes the kernel's dtype
+      (the compute dtype for quantized kernels).
+    loftq_iter: LoftQ alternations (``init="loftq"``).
+  """
+
+  rank: int = 8
+  alpha: float = 16.0
+  target_modules: str | tuple[str, ...] = ("q_proj", "v_proj")
+  exclude_modules: str | tuple[str, ...] | None = None
+  layers_to_transform: tuple[int, ...] | None = None
+  dropout: float = 0.0
+  use_rslora: bool = False
+  use_dora: bool = False
+  magnitude_trainable: bool = True
+  init: str = "default"
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  adapter_dtype: str | None = None
+  loftq_iter: int = 1
+
+  def __post_init__(self):
+    set_ = lambda k, v: object.__setattr__(self, k, v)
+    if not isinstance(self.target_modules, str):
+      set_("target_modules", tuple(self.target_modules))
+    if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
+      set_("exclude_modules", tuple(self.exclude_modules))
+    if self.layers_to_transform is not None:
+      layers = self.layers_to_transform
+      set_("layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
+    set_("init", _check_init(self.init))
+    set_("rank_pattern", dict(self.rank_pattern))
+    set_("alpha_pattern", dict(self.alpha_pattern))
+    if self.adapter_dtype is not None:
+      set_("adapter_dtype", str(_dtype_name(self.adapter_dtype)))
+    _check_rank(self.rank, "rank")
+    _check_alpha(self.alpha, "alpha")
+    for key, r in self.rank_pattern.items():
+      _check_rank(r, f"rank_pattern[{key!r}]")
+    for key, a in self.alpha_pattern.items():
+      _check_alpha(a, f"alpha_pattern[{key!r}]")
+    if not 0.0 <= self.dropout < 1.0:
+      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
+    if self.loftq_iter < 1:
+      raise ValueError(f"loftq_iter must be >= 1, got {self.loftq_iter}.")
+
+  def __hash__(self):  # dict fields: hash by value so configs can be static args
+    return hash(tuple(
+        tuple(sorted(v.items())) if isinstance(v, dict) else v
+        for v in dataclasses.astuple(self)))
+
+  def rank_for(self, module_path: str) -> int:
+    """The rank of the adapter at ``module_path`` (``rank_pattern`` first)."""
+    return int(targeting.resolve_pattern(self.rank_pattern, module_path, self.rank))
+
+  def alpha_for(self, module_path: str) -> float:
+    """The alpha of the adapter at ``module_path`` (``alpha_pattern`` first)."""
+    return float(targeting.resolve_pattern(self.alpha_pattern, module_path, self.alpha))
+
+  def scale_for(self, module_path: str, rank: int | None = None) -> float:
+    """``alpha / r`` (or ``alpha / sqrt(r)`` with rsLoRA) for one module."""
+    rank = self.rank_for(module_path) if rank is None else rank
+    alpha = self.alpha_for(module_path)
+    return alpha / math.sqrt(rank) if self.use_rslora else alpha / rank
+
+  def replace(self, **changes: Any) -> "LoRAConfig":
+    return dataclasses.replace(self, **changes)
+
+  def to_dict(self) -> dict[str, Any]:
+    """A JSON-ready dict (stored beside saved adapters)."""
+    d = dataclasses.asdict(self)
+    for key in ("target_modules", "exclude_modules", "layers_to_transform"):
+      if isinstance(d[key], tuple):
+        d[key] = list(d[key])
+    d["format_version"] = CONFIG_FORMAT_VERSION
+    d["config_class"] = type(self).__name__
+    return d
+
+  @classmethod
+  def from_dict(cls, d: Mapping[str, Any]) -> "LoRAConfig":
+    """Inverse of :meth:`to_dict`; refuses configs from a newer format."""
+    d = dict(d)
+    version = d.pop("format_version", CONFIG_FORMAT_VERSION)
+    if version > CONFIG_FORMAT_VERSION:
+      raise ValueError(
+          f"Config format version {version} is newer than this peft_jax supports "
+          f"({CONFIG_FORMAT_VERSION}); upgrade peft_jax to read it.")
+    d.pop("config_class", None)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - fields)
+    if unknown:
+      raise ValueError(f"Unknown {cls.__name__} fields {unknown}.")
+    return cls(**d)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class DoRAConfig(LoRAConfig):
+  """:class:`LoRAConfig` with ``use_dora=True`` (the seed document's name)."""
+
+  use_dora: bool = True
+
+
+def _check_rank(rank: Any, what: str) -> None:
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
+    raise ValueError(f"{what} must be a positive integer, got {rank!r}.")
+
+
+def _check_alpha(alpha: Any, what: str) -> None:
+  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
+    raise ValueError(f"{what} must be a positive number, got {alpha!r}.")
+
+
+def _dtype_name(dtype: Any) -> str:
+  import numpy as np
+  import jax.numpy as jnp
+  return jnp.dtype(dtype).name if not isinstance(dtype, str) else np.dtype(jnp.dtype(dtype)).name
+
+
+def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
+  """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass)."""
+  classes = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig}
+  name = d.get("config_class", "LoRAConfig")
+  if name not in classes:
+    raise ValueError(f"Unknown config class {name!r} in saved config.")
+  return classes[name].from_dict(d)
+
+
+def normalize_targets(targets: str | Sequence[str] | None):
+  """Tuple form of a target spec (a string stays a string)."""
+  if targets is None or isinstance(targets, str):
+    return targets
+  return tuple(targets)

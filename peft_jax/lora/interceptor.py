@@ -1,0 +1,229 @@
+"""The Flax method interceptor that turns adapter leaves into behaviour.
+
+Inside :func:`intercept`, every ``nn.Dense``, ``nn.DenseGeneral``,
+``nn.Einsum``, ``nn.Conv`` and ``nn.Embed`` call whose module holds adapter
+leaves computes::
+
+    LoRA:  y = base(x) + s * (dropout(x) A) B
+    DoRA:  y = base(x) + (g - 1) * (dropout(x) W0) + g * s * (dropout(x) A) B
+           g = m / stop_gradient(||W0 + s B A||)   (norm over input axes, per output)
+
+with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Modules without
+adapter leaves, and every other method (``Embed.attend`` for tied heads), run
+untouched. Under ``nn.scan`` the module sees its layer's slice of stacked
+leaves, so scanned models need no special case.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from peft_jax.lora import layout as layout_lib
+from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.transform import is_quantized, weight_norm
+
+_SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+
+
+def _module_path(module: nn.Module) -> str:
+  path = "/".join(str(p) for p in module.scope.path)
+  return path[len("params/"):] if path.startswith("params/") else path
+
+
+def _dropout(x, rate, module, deterministic):
+  if rate == 0.0 or deterministic:
+    return x
+  keep = jax.random.bernoulli(module.make_rng("dropout"), 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def _bias_free(y, module):
+  if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
+    return y - module.get_variable("params", "bias").astype(y.dtype)
+  return y
+
+
+def _einsum_subscripts(module, args, kwargs, x):
+  """(x, kernel, y) subscripts of the module's product, per layer."""
+  if isinstance(module, nn.Dense):
+    return "...a", "ab", "...b"
+  if isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ValueError(f"LoRA on DenseGeneral with batch_dims is not supported ({_module_path(module)!r}).")
+    axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    axis = tuple(a % x.ndim for a in axis)
+    features = module.features if isinstance(module.features, tuple | list) else (module.features,)
+    letters = "abcdefghijklmnopqrstuvwxy"
+    x_sub = letters[: x.ndim]
+    feat_sub = letters[x.ndim: x.ndim + len(features)]
+    k_sub = "".join(x_sub[a] for a in axis) + feat_sub
+    y_sub = "".join(c for i, c in enumerate(x_sub) if i not in axis) + feat_sub
+    return x_sub, k_sub, y_sub
+  einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+  return layout_lib.parse_einsum(einsum_str)
+
+
+def _adapter_leaves(module):
+  get = lambda name: module.get_variable("params", name) if module.has_variable("params", name) else None
+  return get("lora_a"), get("lora_b"), get("lora_magnitude"), get("lora_e")
+
+
+def _check_rank(config, path, lora_a, lora_e):
+  rank = lora_a.shape[-1]
+  want = config.rank_for(path)
+  if lora_e is None and rank != want:
+    raise ValueError(
+        f"Adapters at {path!r} have rank {rank} but the config gives rank {want} for this "
+        "module: the config does not fit these params.")
+  return rank
+
+
+class _Interceptor:
+  """Callable for ``nn.intercept_methods`` (see module docstring)."""
+
+  def __init__(self, config: LoRAConfig | None, deterministic: bool | None,
+               quantized_matmul=None):
+    self.config = config
+    self.deterministic = deterministic
+    self.quantized_matmul = quantized_matmul
+
+  def __call__(self, next_fun, args, kwargs, context):
+    module = context.module
+    if context.method_name != "__call__" or not isinstance(module, _SUPPORTED):
+      return next_fun(*args, **kwargs)
+    if module.scope is None or not module.has_variable("params", "lora_a"):
+      if self._has_quantized_kernel(module):
+        return self._quantized_base(module, args, kwargs)
+      return next_fun(*args, **kwargs)
+    return self._adapted(module, next_fun, args, kwargs)
+
+  @staticmethod
+  def _has_quantized_kernel(module):
+    return (not isinstance(module, nn.Embed) and module.scope is not None
+            and module.has_variable("params", "kernel")
+            and is_quantized(module.get_variable("params", "kernel")))
+
+  def _quantized_base(self, module, args, kwargs):
+    # A quantized kernel cannot pass through the module's own __call__ (which
+    # checks the stored shape against its initializer), so the product is ours.
+    from peft_jax.quant import interop  # pylint: disable=import-outside-toplevel
+    return interop.quantized_module_call(module, args, kwargs)
+
+  def _is_deterministic(self, module) -> bool:
+    if self.deterministic is not None:
+      return self.deterministic
+    return not module.has_rng("dropout")
+
+  def _adapted(self, module, next_fun, args, kwargs):
+    path = _module_path(module)
+    config = self.config
+    if config is None:
+      raise ValueError(f"Module {path!r} holds adapters: pass its LoRAConfig to peft_jax.intercept.")
+    lora_a, lora_b, magnitude, lora_e = _adapter_leaves(module)
+    rank = _check_rank(config, path, lora_a, lora_e)
+    scale = config.scale_for(path, rank)
+    if self._has_quantized_kernel(module):
+      base_out = self._quantized_base(module, args, kwargs)
+    else:
+      base_out = next_fun(*args, **kwargs)
+    x = args[0] if args else kwargs["inputs"]
+    adapter_dtype = lora_a.dtype
+    if lora_e is not None:
+      # AdaLoRA: scale * x @ (A * E) @ B; the masked singular values stay zeros.
+      lora_a = lora_a * lora_e.reshape(lora_e.shape[:-1] + (1,) * (lora_a.ndim - lora_e.ndim) + lora_e.shape[-1:])
+    deterministic = self._is_deterministic(module)
+
+    if isinstance(module, nn.Embed):
+      x_drop = x
+      lora = jnp.take(lora_a, x, axis=0) @ lora_b
+      kernel = module.get_variable("params", "embedding")
+      layout = layout_lib.KernelLayout((0,), (1,))
+      y_sub = "...b"
+      out_sub = "b"
+    elif isinstance(module, nn.Conv):
+      x_drop = _dropout(x, config.dropout, module, deterministic)
+      lora = self._conv(module, x_drop.astype(adapter_dtype), lora_a) @ lora_b
+      kernel = module.get_variable("params", "kernel")
+      window = lora_a.ndim - 2
+      layout = layout_lib.KernelLayout(tuple(range(window + 1)), (window + 1,))
+      y_sub, out_sub = "...b", "b"
+    else:
+      x_sub, k_sub, y_sub = _einsum_subscripts(module, args, kwargs, x)
+      in_sub = "".join(c for c in k_sub if c in x_sub)
+      out_sub = "".join(c for c in k_sub if c in y_sub)
+      h_sub = "".join(c for c in x_sub if c not in in_sub) + layout_lib.RANK_LETTER
+      x_drop = _dropout(x, config.dropout, module, deterministic)
+      h = jnp.einsum(f"{x_sub},{in_sub}{layout_lib.RANK_LETTER}->{h_sub}",
+                     x_drop.astype(adapter_dtype), lora_a)
+      lora = jnp.einsum(f"{h_sub},{layout_lib.RANK_LETTER}{out_sub}->{y_sub}", h, lora_b)
+      kernel = module.get_variable("params", "kernel")
+      layout = layout_lib.KernelLayout(
+          tuple(i for i, c in enumerate(k_sub) if c in x_sub),
+          tuple(i for i, c in enumerate(k_sub) if c in y_sub))
+
+    if magnitude is None:
+      return base_out + (scale * lora).astype(base_out.dtype)
+
+    from peft_jax.lora.transform import delta_kernel, kernel_value  # pylint: disable=import-outside-toplevel
+    w0 = kernel_value(kernel, jnp.float32)
+    adapted = w0 + scale * delta_kernel(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
+    norm = jax.lax.stop_gradient(weight_norm(adapted, layout))
+    g = (magnitude.astype(jnp.float32) / norm).astype(adapter_dtype)
+    if x_drop is x:
+      x_w0 = _bias_free(base_out, module)
+    else:
+      # Dropout changes the input of the (g - 1) term too, as in the reference.
+      call_args = (x_drop,) + tuple(args[1:]) if args else ()
+      call_kwargs = dict(kwargs, inputs=x_drop) if not args else kwargs
+      x_w0 = _bias_free(
+          self._quantized_base(module, call_args, call_kwargs) if self._has_quantized_kernel(module)
+          else next_fun(*call_args, **call_kwargs), module)
+    mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
+    extra = mul(x_w0.astype(adapter_dtype), g - 1) + mul(scale * lora, g)
+    return base_out + extra.astype(base_out.dtype)
+
+  @staticmethod
+  def _conv(module: nn.Conv, x, lora_a):
+    if module.feature_group_count != 1:
+      raise ValueError(f"LoRA on grouped convolutions is not supported ({_module_path(module)!r}).")
+    conv = nn.Conv(
+        features=lora_a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
+        padding=module.padding, input_dilation=module.input_dilation,
+        kernel_dilation=module.kernel_dilation, use_bias=False, dtype=lora_a.dtype,
+        param_dtype=lora_a.dtype, precision=module.precision, parent=None)
+    return conv.apply({"params": {"kernel": lora_a}}, x)
+
+
+@contextlib.contextmanager
+def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = None) -> Iterator[None]:
+  """Runs Flax modules with their adapters (and quantized kernels).
+
+  Args:
+    config: the config the adapters were created with (scales, dropout). May be
+      None for a model that only has quantized kernels.
+    deterministic: ``True`` turns adapter dropout off, ``False`` forces it on
+      (a ``'dropout'`` rng is then required); ``None`` applies dropout exactly
+      when a ``'dropout'`` rng is passed to ``apply``.
+
+  Example::
+
+    with peft_jax.intercept(config):
+      logits = model.apply({"params": params}, tokens, rngs={"dropout": key})
+  """
+  with nn.intercept_methods(_Interceptor(config, deterministic)):
+    yield
+
+
+def apply(model: nn.Module, variables: Mapping[str, Any], *args, config: LoRAConfig | None = None,
+          deterministic: bool | None = None, **kwargs) -> Any:
+  """``model.apply`` with adapters active: the functional form of :func:`intercept`."""
+  if "params" not in variables:
+    variables = {"params": variables}
+  with intercept(config, deterministic=deterministic):
+    return model.apply(variables, *args, **kwargs)

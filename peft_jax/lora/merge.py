@@ -1,0 +1,141 @@
+"""Merging adapters into their kernels for serving, and taking them out again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from peft_jax import targeting
+from peft_jax.lora import layout as layout_lib
+from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
+
+
+def _kernel_name(flat, module):
+  for name in targeting.KERNEL_LEAVES:
+    if f"{module}/{name}" in flat:
+      return name
+  raise ValueError(f"Module {module!r} holds adapters but no kernel or embedding.")
+
+
+def _module_layout(module, kernel, lora_a, lora_b, layouts):
+  layout = (layouts or {}).get(module) or layout_lib.layout_from_adapters(
+      kernel.shape, lora_a.shape, lora_b.shape)
+  layout_lib.check_adapter_shapes(module, kernel.shape, lora_a.shape, lora_b.shape, layout)
+  return layout
+
+
+def merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout):
+  """The dense kernel a plain module needs to compute the adapted output."""
+  w0 = kernel_value(kernel, jnp.float32)
+  a = lora_a.astype(jnp.float32)
+  if lora_e is not None:
+    a = a * lora_e.astype(jnp.float32)[..., None, :] if a.ndim > 1 else a
+  adapted = w0 + scale * delta_kernel(a, lora_b.astype(jnp.float32), layout)
+  if magnitude is None:
+    return adapted
+  g = magnitude.astype(jnp.float32) / weight_norm(adapted, layout)
+  return adapted * _expand_out(g, layout)
+
+
+def _expand_out(g, layout):
+  """Reshapes a batch + out-shaped array to broadcast against the kernel."""
+  b = layout.batch_ndim
+  shape = list(g.shape[:b])
+  out_iter = iter(g.shape[b:])
+  for axis in range(layout.kernel_ndim):
+    shape.append(next(out_iter) if axis in layout.out_axes else 1)
+  return g.reshape(shape)
+
+
+def merge(params: Mapping[str, Any], config: LoRAConfig, *,
+          layouts: Mapping[str, layout_lib.KernelLayout] | None = None,
+          requantize=None) -> dict[str, Any]:
+  """Folds every adapter into its kernel: plain Flax params for serving.
+
+  ``W' = W + s B A`` (LoRA, rsLoRA), ``W' = m / ||W + s B A|| * (W + s B A)``
+  (DoRA). The result has no adapter leaves and runs on the unmodified model
+  without the interceptor.
+
+  Args:
+    params: params holding adapter leaves.
+    config: the config the adapters were trained with.
+    layouts: needed only for ``nn.Einsum`` kernels whose input and output
+      axes interleave (see :mod:`peft_jax.lora.layout`).
+    requantize: for a quantized base, a callable ``dense_kernel -> quantized``
+      (e.g. ``lambda w: peft_jax.quant.quantize_array(w, spec)``); by default a
+      quantized base merges into a dense kernel of its compute dtype.
+
+  Raises:
+    ValueError: when the params hold no adapters, or the config or layouts do
+      not fit the adapter shapes.
+  """
+  inner, wrapped = targeting.unwrap_params(params)
+  flat = targeting.flatten(inner)
+  modules = [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")]
+  if not modules:
+    raise ValueError("These params hold no adapters (no 'lora_a' leaf): nothing to merge.")
+  for module in modules:
+    name = _kernel_name(flat, module)
+    kernel = flat[f"{module}/{name}"]
+    lora_a, lora_b = flat.pop(f"{module}/lora_a"), flat.pop(f"{module}/lora_b")
+    magnitude = flat.pop(f"{module}/lora_magnitude", None)
+    lora_e = flat.pop(f"{module}/lora_e", None)
+    layout = _module_layout(module, kernel, lora_a, lora_b, layouts)
+    rank = lora_a.shape[-1]
+    if lora_e is None and rank != config.rank_for(module):
+      raise ValueError(
+          f"Adapters at {module!r} have rank {rank}, the config gives "
+          f"{config.rank_for(module)}: the config does not fit these params.")
+    scale = config.scale_for(module, rank)
+    dense = merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout)
+    if is_quantized(kernel):
+      dense = dense.astype(kernel.dtype)
+      flat[f"{module}/{name}"] = requantize(dense) if requantize is not None else dense
+    else:
+      flat[f"{module}/{name}"] = dense.astype(kernel.dtype)
+  out = targeting.unflatten(flat)
+  return {"params": out} if wrapped else out
+
+
+def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRAConfig, *,
+            layouts: Mapping[str, layout_lib.KernelLayout] | None = None) -> dict[str, Any]:
+  """Takes LoRA adapters back out of merged kernels: ``W = W' - s B A``.
+
+  Returns the base params with the adapters beside their kernels again (as
+  before :func:`merge`). DoRA cannot be unmerged exactly from the merged
+  kernel alone (the norm of the unmerged weight is lost), so it raises; keep
+  the base params instead.
+  """
+  inner, wrapped = targeting.unwrap_params(merged)
+  flat = targeting.flatten(inner)
+  adapter_flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
+  modules = [p[: -len("/lora_a")] for p in adapter_flat if p.endswith("/lora_a")]
+  if not modules:
+    raise ValueError("The adapters tree holds no 'lora_a' leaf: nothing to unmerge.")
+  for module in modules:
+    if f"{module}/lora_magnitude" in adapter_flat:
+      raise ValueError(
+          f"DoRA adapters ({module!r}) cannot be unmerged exactly: the weight norm of "
+          "the unmerged kernel is not recoverable from the merged one. Keep the base params.")
+    name = _kernel_name(flat, module)
+    kernel = flat[f"{module}/{name}"]
+    lora_a, lora_b = adapter_flat[f"{module}/lora_a"], adapter_flat[f"{module}/lora_b"]
+    lora_e = adapter_flat.get(f"{module}/lora_e")
+    layout = _module_layout(module, kernel, lora_a, lora_b, layouts)
+    a = lora_a.astype(jnp.float32)
+    if lora_e is not None:
+      a = a * lora_e.astype(jnp.float32)[..., None, :]
+    delta = config.scale_for(module, lora_a.shape[-1]) * delta_kernel(a, lora_b.astype(jnp.float32), layout)
+    flat[f"{module}/{name}"] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+  for path, value in adapter_flat.items():
+    flat[path] = value
+  out = targeting.unflatten(flat)
+  return {"params": out} if wrapped else out
+
+
+def merge_lora(params: Mapping[str, Any], config: LoRAConfig, **kwargs) -> dict[str, Any]:
+  """The seed document's name for :func:`merge`."""
+  return merge(params, config, **kwargs)
