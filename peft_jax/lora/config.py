@@ -5,8 +5,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any
+
+from flax.core import FrozenDict
 
 from peft_jax import targeting
 
@@ -64,8 +66,8 @@ class LoRAConfig:
   use_dora: bool = False
   magnitude_trainable: bool = True
   init: str = "default"
-  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=dict)
-  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=dict)
+  rank_pattern: Mapping[str, int] = dataclasses.field(default_factory=FrozenDict)
+  alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=FrozenDict)
   adapter_dtype: str | None = None
   loftq_iter: int = 1
 
@@ -79,8 +81,9 @@ class LoRAConfig:
       layers = self.layers_to_transform
       set_("layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
     set_("init", _check_init(self.init))
-    set_("rank_pattern", dict(self.rank_pattern))
-    set_("alpha_pattern", dict(self.alpha_pattern))
+    # FrozenDicts keep the config hashable, so it can be a static jit argument.
+    set_("rank_pattern", FrozenDict(self.rank_pattern))
+    set_("alpha_pattern", FrozenDict(self.alpha_pattern))
     if self.adapter_dtype is not None:
       set_("adapter_dtype", str(_dtype_name(self.adapter_dtype)))
     _check_rank(self.rank, "rank")
@@ -93,11 +96,6 @@ class LoRAConfig:
       raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
     if self.loftq_iter < 1:
       raise ValueError(f"loftq_iter must be >= 1, got {self.loftq_iter}.")
-
-  def __hash__(self):  # dict fields: hash by value so configs can be static args
-    return hash(tuple(
-        tuple(sorted(v.items())) if isinstance(v, dict) else v
-        for v in dataclasses.astuple(self)))
 
   def rank_for(self, module_path: str) -> int:
     """The rank of the adapter at ``module_path`` (``rank_pattern`` first)."""
@@ -118,7 +116,10 @@ class LoRAConfig:
 
   def to_dict(self) -> dict[str, Any]:
     """A JSON-ready dict (stored beside saved adapters)."""
-    d = dataclasses.asdict(self)
+    d = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    for key, value in d.items():
+      if isinstance(value, Mapping):
+        d[key] = dict(value)
     for key in ("target_modules", "exclude_modules", "layers_to_transform"):
       if isinstance(d[key], tuple):
         d[key] = list(d[key])
@@ -173,10 +174,3 @@ def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
   if name not in classes:
     raise ValueError(f"Unknown config class {name!r} in saved config.")
   return classes[name].from_dict(d)
-
-
-def normalize_targets(targets: str | Sequence[str] | None):
-  """Tuple form of a target spec (a string stays a string)."""
-  if targets is None or isinstance(targets, str):
-    return targets
-  return tuple(targets)

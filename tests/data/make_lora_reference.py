@@ -1,0 +1,160 @@
+"""Generates tests/data/peft_lora_reference.json with Hugging Face PEFT itself.
+
+Run in a separate environment that has torch and peft (never by the test
+suite, and never a runtime dependency):
+
+    python tests/data/make_lora_reference.py
+
+Every array is given in PyTorch layout, as PEFT stores it; the tests transpose
+to Flax layout.
+"""
+
+import json
+import math
+import pathlib
+
+import numpy as np
+import peft
+import torch
+from peft import LoraConfig, get_peft_model
+
+
+def mat(m, n, s):
+  i = np.arange(m * n, dtype=np.float64).reshape(m, n)
+  return (np.sin(0.37 * i + s) * (1 + i % 5) / 3).astype(np.float32)
+
+
+class Lin(torch.nn.Module):
+  def __init__(self, n_in, n_out, bias=True):
+    super().__init__()
+    self.proj = torch.nn.Linear(n_in, n_out, bias=bias)
+
+
+class Emb(torch.nn.Module):
+  def __init__(self, n, d):
+    super().__init__()
+    self.emb = torch.nn.Embedding(n, d)
+
+
+class Conv(torch.nn.Module):
+  def __init__(self):
+    super().__init__()
+    self.conv = torch.nn.Conv2d(3, 4, 3, padding=1)
+
+
+def t(a):
+  return torch.tensor(np.asarray(a))
+
+
+def lst(x):
+  return np.asarray(x.detach().numpy() if hasattr(x, "detach") else x, np.float64).tolist()
+
+
+def linear_case(use_dora, use_rslora, init=True, r=2, alpha=4.0):
+  torch.manual_seed(0)
+  model = Lin(7, 6)
+  with torch.no_grad():
+    model.proj.weight.copy_(t(mat(6, 7, 0.5)))
+    model.proj.bias.copy_(t(mat(1, 6, 0.9)[0]))
+  cfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=["proj"], use_dora=use_dora,
+                   use_rslora=use_rslora, init_lora_weights=init)
+  pm = get_peft_model(model, cfg)
+  layer = pm.base_model.model.proj
+  out = {"init": str(init), "r": r, "alpha": alpha, "use_dora": use_dora, "use_rslora": use_rslora,
+         "scaling": layer.scaling["default"]}
+  x = t(mat(3, 7, 0.25))
+  out["y_at_init"] = lst(pm(x) if False else layer(x))
+  out["W_res"] = lst(layer.base_layer.weight)
+  out["A_init"] = lst(layer.lora_A["default"].weight)
+  out["B_init"] = lst(layer.lora_B["default"].weight)
+  if use_dora:
+    out["m_init"] = lst(layer.lora_magnitude_vector["default"].weight)
+  with torch.no_grad():
+    layer.lora_A["default"].weight.copy_(t(mat(r, 7, 1.5)))
+    layer.lora_B["default"].weight.copy_(t(mat(6, r, 2.5)))
+    if use_dora:
+      layer.lora_magnitude_vector["default"].weight.copy_(t(np.linspace(0.5, 1.5, 6).astype(np.float32)))
+  out["W"] = lst(layer.base_layer.weight)
+  out["b"] = lst(layer.base_layer.bias)
+  out["x"] = lst(x)
+  out["A"] = lst(layer.lora_A["default"].weight)
+  out["B"] = lst(layer.lora_B["default"].weight)
+  if use_dora:
+    out["m"] = lst(layer.lora_magnitude_vector["default"].weight)
+  pm.eval()
+  out["y"] = lst(layer(x))
+  layer.merge()
+  out["W_merged"] = lst(layer.base_layer.weight)
+  return out
+
+
+def embedding_case(use_dora):
+  torch.manual_seed(0)
+  model = Emb(10, 6)
+  with torch.no_grad():
+    model.emb.weight.copy_(t(mat(10, 6, 0.3)))
+  cfg = LoraConfig(r=2, lora_alpha=4.0, target_modules=["emb"], use_dora=use_dora)
+  pm = get_peft_model(model, cfg)
+  layer = pm.base_model.model.emb
+  with torch.no_grad():
+    layer.lora_embedding_A["default"].copy_(t(mat(2, 10, 1.1)))
+    layer.lora_embedding_B["default"].copy_(t(mat(6, 2, 2.1)))
+    if use_dora:
+      layer.lora_magnitude_vector["default"].weight.copy_(t(np.linspace(0.5, 1.5, 6).astype(np.float32)))
+  ids = torch.tensor([[0, 3, 9], [2, 2, 7]])
+  pm.eval()
+  out = {"use_dora": use_dora, "W": lst(layer.base_layer.weight), "ids": ids.tolist(),
+         "A": lst(layer.lora_embedding_A["default"]), "B": lst(layer.lora_embedding_B["default"]),
+         "y": lst(layer(ids)), "scaling": layer.scaling["default"]}
+  if use_dora:
+    out["m"] = lst(layer.lora_magnitude_vector["default"].weight)
+  return out
+
+
+def conv_case(use_dora):
+  torch.manual_seed(0)
+  model = Conv()
+  with torch.no_grad():
+    model.conv.weight.copy_(t(mat(4, 27, 0.7).reshape(4, 3, 3, 3)))
+    model.conv.bias.copy_(t(mat(1, 4, 0.2)[0]))
+  cfg = LoraConfig(r=2, lora_alpha=4.0, target_modules=["conv"], use_dora=use_dora)
+  pm = get_peft_model(model, cfg)
+  layer = pm.base_model.model.conv
+  with torch.no_grad():
+    layer.lora_A["default"].weight.copy_(t(mat(2, 27, 1.3).reshape(2, 3, 3, 3)))
+    layer.lora_B["default"].weight.copy_(t(mat(4, 2, 0.4).reshape(4, 2, 1, 1)))
+    if use_dora:
+      layer.lora_magnitude_vector["default"].weight.copy_(
+          t(np.linspace(0.5, 1.5, 4).astype(np.float32).reshape(1, 4, 1, 1)))
+  x = t(mat(2, 3 * 5 * 5, 0.6).reshape(2, 3, 5, 5))
+  pm.eval()
+  out = {"use_dora": use_dora, "W": lst(layer.base_layer.weight), "b": lst(layer.base_layer.bias),
+         "A": lst(layer.lora_A["default"].weight), "B": lst(layer.lora_B["default"].weight),
+         "x": lst(x), "y": lst(layer(x)), "scaling": layer.scaling["default"]}
+  if use_dora:
+    out["m"] = lst(layer.lora_magnitude_vector["default"].weight.reshape(-1))
+  return out
+
+
+def main():
+  data = {
+      "_about": f"Generated by make_lora_reference.py with peft {peft.__version__}, torch "
+                f"{torch.__version__}. Torch layout: W (out, in), A (r, in), B (out, r).",
+      "lora": linear_case(False, False),
+      "rslora": linear_case(False, True, r=4, alpha=3.0),
+      "dora": linear_case(True, False),
+      "pissa": linear_case(False, False, init="pissa"),
+      "olora": linear_case(False, False, init="olora"),
+      "gaussian": {"r": 4, "std": 1 / 4},
+      "embedding_lora": embedding_case(False),
+      "embedding_dora": embedding_case(True),
+      "conv_lora": conv_case(False),
+      "conv_dora": conv_case(True),
+  }
+  path = pathlib.Path(__file__).with_name("peft_lora_reference.json")
+  path.write_text(json.dumps(data, indent=1))
+  print("wrote", path)
+
+
+if __name__ == "__main__":
+  main()
