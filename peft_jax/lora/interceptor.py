@@ -179,14 +179,18 @@ class _Interceptor:
       x_w0 = _bias_free(base_out, module)
     else:
       # Dropout changes the input of the (g - 1) term too, as in the reference.
-      call_args = (x_drop,) + tuple(args[1:]) if args else ()
-      call_kwargs = dict(kwargs, inputs=x_drop) if not args else kwargs
-      x_w0 = _bias_free(
-          self._quantized_base(module, call_args, call_kwargs) if self._has_quantized_kernel(module)
-          else next_fun(*call_args, **call_kwargs), module)
+      # (The module's own __call__ cannot run twice inside one interception.)
+      x_w0 = self._kernel_product(module, x_drop, w0.astype(adapter_dtype), args, kwargs)
     mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
     extra = mul(x_w0.astype(adapter_dtype), g - 1) + mul(scale * lora, g)
     return base_out + extra.astype(base_out.dtype)
+
+  def _kernel_product(self, module, x, kernel, args, kwargs):
+    """``x W`` without bias, for a dense kernel value ``W`` of ``module``."""
+    if isinstance(module, nn.Conv):
+      return self._conv(module, x.astype(kernel.dtype), kernel)
+    x_sub, k_sub, y_sub = _einsum_subscripts(module, args, kwargs, x)
+    return jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x.astype(kernel.dtype), kernel)
 
   @staticmethod
   def _conv(module: nn.Conv, x, lora_a):

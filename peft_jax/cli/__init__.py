@@ -1,0 +1,1 @@
+"""The ``peft-jax`` command."""
