@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
-from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
+from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
 
 
 def _kernel_name(flat, module):
@@ -51,8 +51,7 @@ def _expand_out(g, layout):
 
 
 def merge(params: Mapping[str, Any], config: LoRAConfig, *,
-          layouts: Mapping[str, layout_lib.KernelLayout] | None = None,
-          requantize=None) -> dict[str, Any]:
+          layouts: Mapping[str, layout_lib.KernelLayout] | None = None) -> dict[str, Any]:
   """Folds every adapter into its kernel: plain Flax params for serving.
 
   ``W' = W + s B A`` (LoRA, rsLoRA), ``W' = m / ||W + s B A|| * (W + s B A)``
@@ -64,9 +63,10 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
     config: the config the adapters were trained with.
     layouts: needed only for ``nn.Einsum`` kernels whose input and output
       axes interleave (see :mod:`peft_jax.lora.layout`).
-    requantize: for a quantized base, a callable ``dense_kernel -> quantized``
-      (e.g. ``lambda w: peft_jax.quant.quantize_array(w, spec)``); by default a
-      quantized base merges into a dense kernel of its compute dtype.
+
+  A quantized (NF4) kernel merges into a dense kernel of its compute dtype;
+  :func:`peft_jax.quant.merge_into_quantized` re-quantizes and reports the
+  error.
 
   Raises:
     ValueError: when the params hold no adapters, or the config or layouts do
@@ -91,11 +91,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
           f"{config.rank_for(module)}: the config does not fit these params.")
     scale = config.scale_for(module, rank)
     dense = merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout)
-    if is_quantized(kernel):
-      dense = dense.astype(kernel.dtype)
-      flat[f"{module}/{name}"] = requantize(dense) if requantize is not None else dense
-    else:
-      flat[f"{module}/{name}"] = dense.astype(kernel.dtype)
+    flat[f"{module}/{name}"] = dense.astype(kernel.dtype)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 

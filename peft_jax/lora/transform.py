@@ -216,7 +216,8 @@ def lora_transform(
       qkernel, lora_a, lora_b = loftq.loftq_for_kernel(
           kernel, layout, rank, config.loftq_iter, path=path)
       flat[f"{path}/{leaf_name}"] = qkernel
-      lora_a, lora_b = lora_a.astype(dtype), lora_b.astype(dtype)
+      lora_a = lora_a.reshape(a_shape).astype(dtype)
+      lora_b = lora_b.reshape(b_shape).astype(dtype)
     else:
       if is_quantized(kernel):
         raise ValueError(

@@ -1,0 +1,91 @@
+"""Running Flax modules whose kernel is an :class:`NF4Array` (QLoRA's base).
+
+Linen's ``Dense`` checks a stored param's shape against its initializer, so a
+quantized kernel cannot pass through the module's own ``__call__``: the LoRA
+interceptor calls :func:`quantized_module_call` instead, which computes the
+module's product with :func:`nf4_matmul` (the weight is never materialised in
+full) and adds the bias.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax.numpy as jnp
+
+from peft_jax.quant.matmul import nf4_matmul
+
+
+def _module_dtype(module: nn.Module, x, kernel):
+  if getattr(module, "dtype", None) is not None:
+    return jnp.dtype(module.dtype)
+  return jnp.result_type(x.dtype, kernel.dtype)
+
+
+def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]):
+  """The output of ``module(*args, **kwargs)`` with its quantized kernel."""
+  kernel = module.get_variable("params", "kernel")
+  x = args[0] if args else kwargs["inputs"]
+  dtype = _module_dtype(module, x, kernel)
+  x = x.astype(dtype)
+  if isinstance(module, nn.Dense):
+    y = nf4_matmul(x, kernel)
+  elif isinstance(module, nn.DenseGeneral):
+    if module.batch_dims:
+      raise ValueError("Quantized DenseGeneral with batch_dims is not supported.")
+    axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    axis = tuple(a % x.ndim for a in axis)
+    if axis != tuple(range(x.ndim - len(axis), x.ndim)):
+      x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
+    y = nf4_matmul(x, kernel)
+  elif isinstance(module, nn.Einsum):
+    from peft_jax.lora.layout import parse_einsum  # pylint: disable=import-outside-toplevel
+    einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
+    x_sub, k_sub, y_sub = parse_einsum(einsum_str)
+    y = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x, kernel.dequantize(dtype))
+  else:
+    raise ValueError(f"Quantized kernels are not supported in {type(module).__name__} modules.")
+  y = y.astype(dtype)
+  if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
+    y = y + module.get_variable("params", "bias").astype(dtype)
+  return y
+
+
+def merge_into_quantized(params: Mapping[str, Any], config, spec, *, layouts=None
+                         ) -> tuple[dict[str, Any], dict[str, float]]:
+  """Merges adapters into an NF4 base and re-quantizes the merged kernels.
+
+  Args:
+    params: params whose adapted kernels are :class:`NF4Array` leaves.
+    config: the adapters' :class:`peft_jax.LoRAConfig`.
+    spec: the :class:`peft_jax.quant.NF4` spec for the merged kernels.
+    layouts: as for :func:`peft_jax.merge`.
+
+  Returns:
+    ``(qparams, errors)``: params with re-quantized merged kernels, and per
+    module the relative Frobenius error ``||deq(q(W')) - W'|| / ||W'||`` that
+    re-quantization adds to the merged kernel ``W'``.
+  """
+  from peft_jax import targeting  # pylint: disable=import-outside-toplevel
+  from peft_jax.lora.merge import merge  # pylint: disable=import-outside-toplevel
+  from peft_jax.lora.tree import adapter_paths  # pylint: disable=import-outside-toplevel
+  from peft_jax.quant.nf4 import is_quantized, quantize_array  # pylint: disable=import-outside-toplevel
+
+  inner, wrapped = targeting.unwrap_params(params)
+  flat_before = targeting.flatten(inner)
+  merged = targeting.flatten(targeting.unwrap_params(merge(params, config, layouts=layouts))[0])
+  errors = {}
+  for module in adapter_paths(inner):
+    path = f"{module}/kernel"
+    old = flat_before.get(path)
+    if not is_quantized(old):
+      continue
+    dense = merged[path]
+    q = quantize_array(dense, spec, stack_ndim=len(old.stack_shape), in_ndim=len(old.in_shape))
+    diff = q.dequantize(jnp.float32) - dense.astype(jnp.float32)
+    errors[module] = float(jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(dense.astype(jnp.float32).ravel()))
+    merged[path] = q
+  out = targeting.unflatten(merged)
+  return ({"params": out} if wrapped else out), errors

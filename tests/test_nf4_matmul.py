@@ -1,0 +1,133 @@
+"""nf4_matmul: Pallas (interpreted) vs XLA path vs dense, gradients, lowering, dispatch."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from peft_jax.quant import NF4, nf4_matmul, quantize_array, select_impl
+from peft_jax.quant import kernels
+
+F32 = NF4(compute_dtype=None)
+
+
+def rel_err(a, b):
+  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+
+
+def make(k, n, spec=F32, seed=0):
+  w = quantize_array(jax.random.normal(jax.random.key(seed), (k, n)), spec)
+  return w, w.dequantize(jnp.float32)
+
+
+@pytest.mark.parametrize("m,k,n,quant_type,double_quant", [
+    (1, 256, 128, "nf4", True),
+    (5, 512, 384, "fp4", False),   # ragged M
+    (17, 512, 256, "nf4", False),
+    (33, 256, 256, "nf4", True),
+])
+def test_pallas_interpret_equals_xla_and_dense(m, k, n, quant_type, double_quant):
+  spec = NF4(quant_type=quant_type, double_quant=double_quant, compute_dtype=None)
+  w, dense = make(k, n, spec)
+  x = jax.random.normal(jax.random.key(1), (m, k))
+  xla = nf4_matmul(x, w, impl="xla")
+  assert rel_err(xla, x @ dense) < 1e-5
+  pallas = nf4_matmul(x, w, impl="pallas_interpret")
+  assert select_impl(w, m, "pallas_interpret") == "pallas_interpret"
+  assert rel_err(pallas, xla) < 1e-5
+
+
+def test_leading_axes_and_dense_general_kernel():
+  w, dense = make(256, 64)
+  x = jax.random.normal(jax.random.key(2), (2, 3, 256))
+  y = nf4_matmul(x, w)
+  assert y.shape == (2, 3, 64) and rel_err(y, x @ dense) < 1e-5
+  kernel = jax.random.normal(jax.random.key(3), (4, 64, 2, 16))  # (heads, dim) -> (2, 16)
+  wg = quantize_array(kernel, F32, in_ndim=2)
+  xg = jax.random.normal(jax.random.key(4), (5, 4, 64))
+  yg = nf4_matmul(xg, wg)
+  ref = jnp.einsum("bhd,hdef->bef", xg, wg.dequantize())
+  assert yg.shape == (5, 2, 16) and rel_err(yg, ref) < 1e-5
+
+
+@pytest.mark.parametrize("impl", ["xla", "pallas_interpret", "reference"])
+def test_gradients_flow_to_x_only(impl):
+  w, dense = make(256, 128)
+  x = jax.random.normal(jax.random.key(5), (2, 9, 256))
+  target = jax.random.normal(jax.random.key(6), (2, 9, 128))
+
+  def loss(x, w):
+    return jnp.sum((nf4_matmul(x, w, impl=impl) - target) ** 2)
+
+  grad_x = jax.grad(loss)(x, w)
+  grad_dense = jax.grad(lambda x: jnp.sum((x @ dense - target) ** 2))(x)
+  assert rel_err(grad_x, grad_dense) < 1e-5
+  grad_w = jax.grad(loss, argnums=1, allow_int=True)(x, w)
+  assert grad_w.codes.dtype == jax.dtypes.float0
+  assert float(jnp.abs(grad_w.nested_absmax).max()) == 0
+
+
+def test_bf16_compute_and_output_dtype():
+  w, dense = make(512, 256, NF4())  # compute_dtype bfloat16 (the QLoRA default)
+  x = jax.random.normal(jax.random.key(7), (4, 512))
+  y = nf4_matmul(x, w)
+  assert y.dtype == jnp.float32 and rel_err(y, x @ dense) < 1e-2
+  y16 = nf4_matmul(x.astype(jnp.bfloat16), w, impl="pallas_interpret")
+  assert y16.dtype == jnp.bfloat16 and rel_err(y16.astype(jnp.float32), x @ dense) < 2e-2
+
+
+def test_untileable_shapes_fall_back():
+  w, dense = make(256, 40)  # N = 40 tiles on neither backend
+  x = jax.random.normal(jax.random.key(8), (3, 256))
+  assert select_impl(w, 3, "pallas", platform="gpu") == "xla"
+  assert select_impl(w, 3, None, platform="tpu") == "xla"
+  assert rel_err(nf4_matmul(x, w, impl="pallas", platform="gpu"), x @ dense) < 1e-5
+  flat, flat_dense = make(63, 7)  # K not a multiple of the block: flat layout
+  assert not flat.tiled and select_impl(flat, 1, "pallas") == "reference"
+  xf = jax.random.normal(jax.random.key(9), (2, 63))
+  assert rel_err(nf4_matmul(xf, flat, impl="pallas"), xf @ flat_dense) < 1e-5
+
+
+def test_dispatch_by_platform():
+  w, _ = make(256, 128)
+  assert select_impl(w, 16, platform="cpu") == "xla"
+  assert select_impl(w, 16, platform="gpu") == "pallas"
+  assert select_impl(w, 16, platform="tpu") == "pallas"
+  assert select_impl(w, 16, "reference", platform="gpu") == "reference"
+  with pytest.raises(ValueError, match="impl"):
+    select_impl(w, 16, "cuda")
+
+
+@pytest.mark.parametrize("platform,lowering", [("gpu", "cuda"), ("tpu", "tpu")])
+def test_kernels_lower_for_gpu_and_tpu(platform, lowering):
+  w, _ = make(512, 256, NF4())
+  x = jax.random.normal(jax.random.key(10), (5, 512)).astype(jnp.bfloat16)
+
+  def step(x, w):
+    y, vjp = jax.vjp(lambda x: nf4_matmul(x, w, impl="pallas", platform=platform), x)
+    return y, vjp(y)[0]
+
+  assert select_impl(w, 5, "pallas", platform=platform) == "pallas"
+  lowered = jax.jit(step).trace(x, w).lower(lowering_platforms=(lowering,))
+  text = lowered.as_text()
+  marker = "@__gpu$xla.gpu.triton" if platform == "gpu" else "@tpu_custom_call"
+  assert text.count(marker) == 2  # forward and transposed kernels
+
+
+def test_tile_choice():
+  assert kernels.choose_tiles(1, 4096, 4096, 64, "gpu") == kernels.TileConfig(16, 128, 128)
+  assert kernels.choose_tiles(2048, 4096, 4096, 64, "tpu").block_m == 256
+  assert kernels.choose_tiles(8, 4096, 100, 64, "gpu") is None
+
+
+def test_errors():
+  w, _ = make(256, 128)
+  with pytest.raises(ValueError, match="input axes"):
+    nf4_matmul(jnp.ones((2, 128)), w)
+  with pytest.raises(TypeError, match="float"):
+    nf4_matmul(jnp.ones((2, 256), jnp.int32), w)
+  with pytest.raises(TypeError, match="NF4Array"):
+    nf4_matmul(jnp.ones((2, 256)), jnp.ones((256, 128)))
+  stacked = quantize_array(jnp.ones((2, 256, 128)), F32, stack_ndim=1)
+  with pytest.raises(ValueError, match="stack"):
+    nf4_matmul(jnp.ones((2, 256)), stacked)

@@ -1,0 +1,77 @@
+"""QLoRA: NF4 base kernels through the interceptor, with LoRA or DoRA on top."""
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import peft_jax as pj
+from peft_jax import quant, training
+from peft_jax.quant.interop import merge_into_quantized
+from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
+
+IDS = jnp.arange(32).reshape(2, 16) % 256
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["unrolled", "scanned"])
+def setup(request):
+  config = LlamaConfig.tiny(scan_layers=request.param)
+  model = LlamaForCausalLM(config)
+  params = init_params(config, jax.random.key(0))
+  qparams = quant.quantize(params, quant.NF4(block_size=64, double_quant=True,
+                                             compute_dtype=jnp.float32))
+  return model, params, qparams, pj.kernel_layouts(model, IDS)
+
+
+def test_quantized_base_runs_as_its_dequantized_weights(setup):
+  model, _, qparams, _ = setup
+  with pj.intercept():
+    y = model.apply({"params": qparams}, IDS)
+  y_dense = model.apply({"params": quant.dequantize(qparams)}, IDS)
+  np.testing.assert_allclose(y, y_dense, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("dora", [False, True])
+def test_qlora_matches_lora_on_dequantized_base(setup, dora):
+  model, _, qparams, layouts = setup
+  config = pj.LoRAConfig(rank=4, alpha=8.0, target_modules="all-linear", use_dora=dora)
+  adapted = pj.lora_transform(qparams, config, key=jax.random.key(1), layouts=layouts)
+  adapters, base = pj.split(adapted)
+  adapters = jax.tree.map(lambda a: a + 0.05 * jax.random.normal(jax.random.key(2), a.shape), adapters)
+  dense = pj.combine(quant.dequantize(base), adapters)
+  with pj.intercept(config):
+    y_q = jax.jit(lambda p: model.apply({"params": p}, IDS))(pj.combine(base, adapters))
+    y_d = model.apply({"params": dense}, IDS)
+  np.testing.assert_allclose(y_q, y_d, rtol=1e-4, atol=1e-4)
+  # Merging into a quantized base: dense kernels by default, or re-quantized on request.
+  merged = pj.merge(pj.combine(base, adapters), config, layouts=layouts)
+  np.testing.assert_allclose(model.apply({"params": merged}, IDS), y_d, rtol=1e-4, atol=1e-4)
+  spec = quant.NF4(block_size=64, compute_dtype=jnp.float32)
+  requantized, errors = merge_into_quantized(pj.combine(base, adapters), config, spec, layouts=layouts)
+  assert set(errors) == set(pj.adapter_paths(adapted))
+  # NF4's relative error on Gaussian-like weights is about 0.1 (bitsandbytes' own tests bound it so).
+  assert 0.0 < max(errors.values()) < 0.12, errors
+  assert set(quant.quantized_paths(requantized)) == set(quant.quantized_paths(qparams))
+  with pj.intercept():
+    y_rq = model.apply({"params": requantized}, IDS)
+  np.testing.assert_allclose(y_rq, model.apply({"params": merged}, IDS), atol=0.3)
+
+
+def test_qlora_train_step_compiles_once_and_learns(setup):
+  model, _, qparams, layouts = setup
+  config = pj.LoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"))
+  adapters, base = pj.split(pj.lora_transform(qparams, config, key=jax.random.key(1), layouts=layouts))
+  optimizer = optax.adam(3e-2)
+  state = training.init_train_state(adapters, optimizer)
+  chex.clear_trace_counter()
+  step = jax.jit(chex.assert_max_traces(n=1)(training.make_train_step(model, config, optimizer).__wrapped__))
+  labels = jnp.roll(IDS, -1, axis=1)
+  losses = []
+  for i in range(15):
+    state, loss = step(state, base, IDS, labels, jax.random.key(i))
+    losses.append(float(loss))
+  assert losses[-1] < losses[0] - 0.3
+  # Codes are frozen: they are not among the differentiated leaves at all.
+  assert not any(quant.is_quantized(l) for l in jax.tree.leaves(state.trainable, is_leaf=quant.is_quantized))
