@@ -75,3 +75,24 @@ def test_qlora_train_step_compiles_once_and_learns(setup):
   assert losses[-1] < losses[0] - 0.3
   # Codes are frozen: they are not among the differentiated leaves at all.
   assert not any(quant.is_quantized(l) for l in jax.tree.leaves(state.trainable, is_leaf=quant.is_quantized))
+
+
+def test_apply_qlora_seed_api():
+  config_model = LlamaConfig.tiny()
+  model = LlamaForCausalLM(config_model)
+  params = init_params(config_model, jax.random.key(0))
+  config = pj.QLoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"), compute_dtype="float32")
+  qparams = pj.apply_qlora(params, config, key=jax.random.key(1))
+  assert len(quant.quantized_paths(qparams)) == 14  # every linear kernel but lm_head
+  q_proj = qparams["model"]["layers_0"]["self_attn"]["q_proj"]
+  assert quant.is_quantized(q_proj["kernel"]) and q_proj["lora_a"].shape == (64, 4)
+  assert 4.0 < q_proj["kernel"].bits_per_param < 4.2
+  with pj.intercept(config):
+    y = model.apply({"params": qparams}, IDS)
+  y_float = model.apply({"params": params}, IDS)
+  assert float(jnp.linalg.norm(y - y_float) / jnp.linalg.norm(y_float)) < 0.1  # NF4 error only
+  assert pj.lora.config_from_dict(config.to_dict()) == config
+  with pytest.raises(ValueError, match="4 bits"):
+    pj.QLoRAConfig(bits=8)
+  loftq = pj.apply_qlora(params, config.replace(init="loftq", alpha=4.0), key=jax.random.key(1))
+  assert len(quant.quantized_paths(loftq)) == 14

@@ -169,7 +169,10 @@ def _dtype_name(dtype: Any) -> str:
 
 def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
   """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass)."""
-  classes = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig}
+  from peft_jax.lora.adalora import AdaLoRAConfig  # pylint: disable=import-outside-toplevel
+  from peft_jax.qlora import QLoRAConfig  # pylint: disable=import-outside-toplevel
+  classes = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig, "AdaLoRAConfig": AdaLoRAConfig,
+             "QLoRAConfig": QLoRAConfig}
   name = d.get("config_class", "LoRAConfig")
   if name not in classes:
     raise ValueError(f"Unknown config class {name!r} in saved config.")

@@ -30,14 +30,21 @@ def _module_layout(module, kernel, lora_a, lora_b, layouts):
 def merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout):
   """The dense kernel a plain module needs to compute the adapted output."""
   w0 = kernel_value(kernel, jnp.float32)
-  a = lora_a.astype(jnp.float32)
-  if lora_e is not None:
-    a = a * lora_e.astype(jnp.float32)[..., None, :] if a.ndim > 1 else a
+  a = _with_singular_values(lora_a.astype(jnp.float32), lora_e, layout)
   adapted = w0 + scale * delta_kernel(a, lora_b.astype(jnp.float32), layout)
   if magnitude is None:
     return adapted
   g = magnitude.astype(jnp.float32) / weight_norm(adapted, layout)
   return adapted * _expand_out(g, layout)
+
+
+def _with_singular_values(a, lora_e, layout):
+  """AdaLoRA's ``A * E``: E (batch + (r,)) broadcast over A's input axes."""
+  if lora_e is None:
+    return a
+  e = lora_e.astype(a.dtype)
+  n_in = len(layout.in_axes)
+  return a * e.reshape(e.shape[:-1] + (1,) * n_in + e.shape[-1:])
 
 
 def _expand_out(g, layout):
@@ -121,9 +128,7 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
     lora_a, lora_b = adapter_flat[f"{module}/lora_a"], adapter_flat[f"{module}/lora_b"]
     lora_e = adapter_flat.get(f"{module}/lora_e")
     layout = _module_layout(module, kernel, lora_a, lora_b, layouts)
-    a = lora_a.astype(jnp.float32)
-    if lora_e is not None:
-      a = a * lora_e.astype(jnp.float32)[..., None, :]
+    a = _with_singular_values(lora_a.astype(jnp.float32), lora_e, layout)
     delta = config.scale_for(module, lora_a.shape[-1]) * delta_kernel(a, lora_b.astype(jnp.float32), layout)
     flat[f"{module}/{name}"] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
   for path, value in adapter_flat.items():

@@ -1,0 +1,427 @@
+"""Hugging Face PEFT adapter format: export for PyTorch serving, import back.
+
+A PEFT LoRA directory holds ``adapter_config.json`` and
+``adapter_model.safetensors``; the keys name PyTorch modules::
+
+    base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight   (r, in)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_B.weight   (out, r)
+    base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector  (out,)  # DoRA
+    base_model.model.model.embed_tokens.lora_embedding_A             (r, vocab)
+    base_model.model.model.embed_tokens.lora_embedding_B             (dim, r)
+
+Our leaves are the transposes: ``lora_a (in, r) = lora_A.T`` and
+``lora_b (r, out) = lora_B.T`` (for embeddings ``lora_a (vocab, r)`` and
+``lora_b (r, dim)``), so ``lora_a @ lora_b`` is the Flax-layout delta kernel.
+Files written here match what ``peft==0.21.2`` ``save_pretrained`` writes (key
+names, shapes, dtypes, the ``{"format": "pt"}`` metadata and every config
+field), and load with ``PeftModel.from_pretrained``.
+
+Module names are translated by a :class:`PathMap`. The default,
+:func:`hf_path_map`, fits models whose Flax module names follow Hugging Face
+(the reference Llama): ``model/layers_3/mlp/up_proj`` <->
+``model.layers.3.mlp.up_proj``, and scanned ``model/layers/...`` adapters with
+a leading layer axis export one module per layer.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import re
+import warnings
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import jax.numpy as jnp
+import numpy as np
+from safetensors.numpy import load_file, save_file
+
+from peft_jax import targeting
+from peft_jax.lora.config import LoRAConfig
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PEFT_VERSION = "0.21.2"
+KEY_PREFIX = "base_model.model."
+
+# Every field peft 0.21.2 writes for a LoraConfig, at its default value.
+_PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
+    "alora_invocation_tokens": None, "alpha_pattern": {}, "arrow_config": None,
+    "auto_mapping": None, "base_model_name_or_path": None, "bias": "none",
+    "corda_config": None, "ensure_weight_tying": False, "eva_config": None,
+    "exclude_modules": None, "fan_in_fan_out": False, "inference_mode": True,
+    "init_lora_weights": True, "kasa_config": None, "layer_replication": None,
+    "layers_pattern": None, "layers_to_transform": None, "loftq_config": {},
+    "lora_alpha": 8, "lora_bias": False, "lora_dropout": 0.0, "lora_ga_config": None,
+    "megatron_config": None, "megatron_core": "megatron.core", "modules_to_save": None,
+    "monteclora_config": None, "peft_type": "LORA", "peft_version": PEFT_VERSION,
+    "qalora_group_size": 16, "r": 8, "rank_pattern": {}, "revision": None,
+    "target_modules": None, "target_parameters": None, "task_type": None,
+    "trainable_token_indices": None, "use_bdlora": None, "use_dora": False,
+    "use_qalora": False, "use_rslora": False, "velora_config": None,
+}
+# Config fields whose non-default values change the weights' meaning; importing
+# such an adapter would silently compute something else, so it is refused.
+_UNSUPPORTED_ON_IMPORT = (
+    "alora_invocation_tokens", "arrow_config", "layer_replication", "modules_to_save",
+    "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
+    "lora_bias", "velora_config", "monteclora_config", "kasa_config")
+_REWRITING_INITS = ("pissa", "olora", "loftq")
+_LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block")
+_KEY_SUFFIXES = {
+    ".lora_A.weight": ("linear", "lora_a"),
+    ".lora_B.weight": ("linear", "lora_b"),
+    ".lora_embedding_A": ("embedding", "lora_a"),
+    ".lora_embedding_B": ("embedding", "lora_b"),
+    ".lora_magnitude_vector": (None, "lora_magnitude"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class PathMap:
+  """Translates our module paths to Hugging Face module names and back.
+
+  Attributes:
+    to_hf: per-layer module path (``model/layers_0/self_attn/q_proj``) ->
+      Hugging Face module name (``model.layers.0.self_attn.q_proj``).
+    from_hf: the inverse.
+    scanned_prefix: our path of a stack of scanned layers
+      (``model/layers``); adapters under it carry a leading layer axis and
+      layer ``i`` is exported as ``{scanned_prefix}_{i}``. ``None``: no scan.
+    embedding_names: last path components of embedding modules, whose
+      adapters use PEFT's ``lora_embedding_A``/``lora_embedding_B`` keys.
+  """
+
+  to_hf: Callable[[str], str]
+  from_hf: Callable[[str], str]
+  scanned_prefix: str | None = None
+  embedding_names: tuple[str, ...] = ("embed_tokens", "wte", "word_embeddings", "embed_in")
+
+  @classmethod
+  def from_pairs(cls, pairs: Mapping[str, str], **kwargs) -> "PathMap":
+    """An explicit ``{our_module_path: hf_module_name}`` table (per layer)."""
+    forward = dict(pairs)
+    backward = {hf: ours for ours, hf in forward.items()}
+    if len(backward) != len(forward):
+      raise ValueError("The path map sends two of our modules to one Hugging Face name.")
+
+    def lookup(table, name, what):
+      if name not in table:
+        raise KeyError(f"{what} {name!r} is not in the path map ({len(table)} entries).")
+      return table[name]
+
+    return cls(to_hf=lambda p: lookup(forward, p, "Module path"),
+               from_hf=lambda n: lookup(backward, n, "Hugging Face module"), **kwargs)
+
+
+def _component_to_hf(component: str) -> str:
+  name, sep, index = component.rpartition("_")
+  if sep and index.isdigit() and name in _LAYER_CONTAINERS:
+    return f"{name}.{index}"
+  return component
+
+
+def hf_path_map(scanned_prefix: str | None = "model/layers") -> PathMap:
+  """The path map of models named like Hugging Face's (the reference Llama).
+
+  Flax names list submodules ``layers_3``; PyTorch names them ``layers.3``.
+  Every other component is kept, ``/`` becoming ``.``.
+  """
+
+  def to_hf(path: str) -> str:
+    return ".".join(_component_to_hf(c) for c in path.split("/"))
+
+  def from_hf(name: str) -> str:
+    parts = name.split(".")
+    out = []
+    for part in parts:
+      if part.isdigit() and out and out[-1] in _LAYER_CONTAINERS:
+        out[-1] = f"{out[-1]}_{part}"
+      else:
+        out.append(part)
+    return "/".join(out)
+
+  return PathMap(to_hf=to_hf, from_hf=from_hf, scanned_prefix=scanned_prefix)
+
+
+# -- export -----------------------------------------------------------------------
+def _group_by_module(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
+  modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+  for path, leaf in flat.items():
+    module, name = targeting.split_path(path)
+    if name in targeting.ADAPTER_LEAVES:
+      modules[module][name] = leaf
+  if not modules:
+    raise ValueError("No adapter leaves (lora_a, lora_b, lora_magnitude) to export.")
+  return dict(modules)
+
+
+def _unstack(module: str, leaves: Mapping[str, Any], path_map: PathMap
+             ) -> list[tuple[str, dict[str, np.ndarray]]]:
+  """Per-layer ``(path, leaves)`` of one module (one entry unless scanned)."""
+  arrays = {n: np.asarray(v) for n, v in leaves.items()}
+  prefix = path_map.scanned_prefix
+  if prefix is None or not (module == prefix or module.startswith(prefix + "/")):
+    return [(module, arrays)]
+  rest = module[len(prefix):]
+  num_layers = arrays["lora_a"].shape[0]
+  return [(f"{prefix}_{i}{rest}", {n: v[i] for n, v in arrays.items()}) for i in range(num_layers)]
+
+
+def _alpha_value(alpha: float) -> int | float:
+  return int(alpha) if float(alpha).is_integer() else float(alpha)
+
+
+def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequence[str]):
+  plain_names = (not isinstance(config.target_modules, str)
+                 and all("/" not in n for n in config.target_modules)
+                 and config.exclude_modules is None and config.layers_to_transform is None)
+  if plain_names:
+    # Suffix matching is the same rule in both libraries.
+    return sorted({p.rsplit("/", 1)[-1] for p in our_paths})
+  return "|".join(re.escape(n) for n in sorted(hf_names))
+
+
+def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRAConfig,
+                *, path_map: PathMap | None = None, base_model_name_or_path: str | None = None,
+                task_type: str | None = "CAUSAL_LM") -> dict[str, Any]:
+  """Writes adapters as a Hugging Face PEFT LoRA directory.
+
+  Args:
+    directory: output folder (created).
+    adapters: adapter tree (``lora_a``, ``lora_b``, DoRA ``lora_magnitude``);
+      scanned adapters are written one module per layer.
+    config: the adapters' config; ranks and alphas that differ from
+      ``config.rank``/``config.alpha`` go to ``rank_pattern``/``alpha_pattern``
+      under their exact module names.
+    path_map: our paths <-> Hugging Face names (default :func:`hf_path_map`).
+    base_model_name_or_path: recorded in the config (the Hub id of the base).
+    task_type: PEFT task type; ``"CAUSAL_LM"`` loads as
+      ``PeftModelForCausalLM``.
+
+  Returns:
+    The ``adapter_config.json`` contents that were written.
+
+  Raises:
+    ValueError: AdaLoRA leaves, adapters of more than two axes per layer
+      (``Conv``, ``Einsum``), or an init that rewrote the base kernel
+      (PiSSA, OLoRA, LoftQ), which PEFT cannot load onto the original base.
+  """
+  if config.init in _REWRITING_INITS:
+    raise ValueError(
+        f"init={config.init!r} rewrote the base kernels, so these adapters only make sense "
+        "on the rewritten base. Merge them (peft_jax.merge) and export the merged model, "
+        "or convert them to a plain LoRA delta first.")
+  path_map = path_map or hf_path_map()
+  tensors: dict[str, np.ndarray] = {}
+  rank_pattern, alpha_pattern = {}, {}
+  our_paths, hf_names = [], []
+  for module, leaves in sorted(_group_by_module(adapters).items()):
+    if "lora_e" in leaves:
+      raise ValueError(
+          f"{module!r} holds AdaLoRA leaves; only LoRA/DoRA export to the LoRA format.")
+    if "lora_a" not in leaves or "lora_b" not in leaves:
+      raise ValueError(f"{module!r} lacks lora_a or lora_b (has {sorted(leaves)}).")
+    alpha = config.alpha_for(module)
+    for path, arrays in _unstack(module, leaves, path_map):
+      lora_a, lora_b = arrays["lora_a"], arrays["lora_b"]
+      if lora_a.ndim != 2 or lora_b.ndim != 2:
+        raise ValueError(
+            f"Adapters at {path!r} have shapes {lora_a.shape} / {lora_b.shape}: only 2-D "
+            "(Dense, Embed) adapters map onto PEFT's LoRA layers. Scanned layers need "
+            "path_map.scanned_prefix.")
+      hf_name = path_map.to_hf(path)
+      key = KEY_PREFIX + hf_name
+      is_embedding = path.rsplit("/", 1)[-1] in path_map.embedding_names
+      a_key, b_key = ((".lora_embedding_A", ".lora_embedding_B") if is_embedding
+                      else (".lora_A.weight", ".lora_B.weight"))
+      tensors[key + a_key] = np.ascontiguousarray(lora_a.T)
+      tensors[key + b_key] = np.ascontiguousarray(lora_b.T)
+      if "lora_magnitude" in arrays:
+        tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(arrays["lora_magnitude"])
+      rank = lora_a.shape[-1]
+      if rank != config.rank:
+        rank_pattern[hf_name] = int(rank)
+      if alpha != config.alpha:
+        alpha_pattern[hf_name] = _alpha_value(alpha)
+      our_paths.append(path)
+      hf_names.append(hf_name)
+  hf_config = dict(_PEFT_CONFIG_DEFAULTS)
+  hf_config.update(
+      r=config.rank, lora_alpha=_alpha_value(config.alpha), lora_dropout=float(config.dropout),
+      use_rslora=config.use_rslora, use_dora=config.use_dora,
+      init_lora_weights=True if config.init == "default" else config.init,
+      rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
+      target_modules=_target_modules(config, our_paths, hf_names),
+      base_model_name_or_path=base_model_name_or_path, task_type=task_type)
+  directory = os.fspath(directory)
+  os.makedirs(directory, exist_ok=True)
+  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
+  with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+    json.dump(hf_config, f, indent=2, sort_keys=True)
+    f.write("\n")
+  return hf_config
+
+
+# -- import -----------------------------------------------------------------------
+def _hf_pattern_value(pattern: Mapping[str, Any], hf_name: str, default: Any) -> Any:
+  """PEFT's ``get_pattern_key`` rule: ``re.match(rf"(.*\\.)?({key})$", name)``."""
+  for key, value in (pattern or {}).items():
+    if re.match(rf"(.*\.)?({key})$", hf_name):
+      return value
+  return default
+
+
+def _parse_key(key: str) -> tuple[str, str | None, str] | None:
+  if not key.startswith(KEY_PREFIX):
+    raise ValueError(f"Key {key!r} does not start with {KEY_PREFIX!r}: not a PEFT LoRA file.")
+  for suffix, (kind, leaf) in _KEY_SUFFIXES.items():
+    if key.endswith(suffix):
+      return key[len(KEY_PREFIX): -len(suffix)], kind, leaf
+  return None
+
+
+def _stack_layers(per_layer: Mapping[str, dict[str, np.ndarray]], prefix: str,
+                  num_layers: int | None) -> dict[str, dict[str, np.ndarray]]:
+  """``{prefix}_{i}/rest`` modules -> one ``{prefix}/rest`` with a leading layer axis."""
+  pattern = re.compile(rf"{re.escape(prefix)}_(\d+)(/.*)")
+  groups: dict[str, dict[int, dict[str, np.ndarray]]] = collections.defaultdict(dict)
+  out = {}
+  for path, leaves in per_layer.items():
+    match = pattern.fullmatch(path)
+    if match is None:
+      out[path] = leaves
+    else:
+      groups[prefix + match.group(2)][int(match.group(1))] = leaves
+  if num_layers is None:  # the model has at least as many layers as the file names
+    num_layers = 1 + max((i for layers in groups.values() for i in layers), default=-1)
+  for path, layers in groups.items():
+    indices = sorted(layers)
+    if indices != list(range(num_layers)):
+      raise ValueError(
+          f"Cannot stack {path!r}: the file adapts layers {indices}, but a scanned model "
+          f"of {num_layers} layers needs the module adapted in every layer. Import unrolled "
+          "instead.")
+    names = set(layers[0])
+    shapes = {i: {n: v.shape for n, v in leaves.items()} for i, leaves in layers.items()}
+    if any(set(l) != names for l in layers.values()) or len({str(s) for s in shapes.values()}) != 1:
+      raise ValueError(f"Cannot stack {path!r}: layers differ in leaves or shapes ({shapes}).")
+    out[path] = {n: np.stack([layers[i][n] for i in indices]) for n in names}
+  return out
+
+
+def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None,
+                scanned: bool = False, num_layers: int | None = None, dtype: Any = None
+                ) -> tuple[dict[str, Any], LoRAConfig]:
+  """Reads a Hugging Face PEFT LoRA/DoRA directory into our adapter leaves.
+
+  Args:
+    directory: folder with ``adapter_config.json`` and ``adapter_model.safetensors``.
+    path_map: Hugging Face names <-> our paths (default :func:`hf_path_map`).
+    scanned: stack per-layer adapters under ``path_map.scanned_prefix`` with a
+      leading layer axis, for a model built with scanned layers.
+    num_layers: with ``scanned``, the model's layer count (default: the
+      highest layer index in the file, plus one).
+    dtype: cast the leaves (default: as stored).
+
+  Returns:
+    ``(adapters, config)``: a nested dict to :func:`peft_jax.combine` with
+    the base params, and a config giving each module the rank, alpha and
+    scaling PEFT would use.
+
+  Raises:
+    FileNotFoundError: the files are missing (``.bin`` pickles are not read).
+    ValueError: a non-LoRA PEFT type, features that change the computation
+      and that this library does not implement (``modules_to_save``, LoRA
+      biases, ...), keys that are not LoRA weights, or unstackable layers.
+  """
+  directory = os.fspath(directory)
+  path_map = path_map or hf_path_map()
+  config_path = os.path.join(directory, CONFIG_NAME)
+  weights_path = os.path.join(directory, WEIGHTS_NAME)
+  for path in (config_path, weights_path):
+    if not os.path.exists(path):
+      raise FileNotFoundError(
+          f"{path} not found (only the safetensors format is read; convert .bin files "
+          "with peft first).")
+  with open(config_path, encoding="utf-8") as f:
+    hf_config = json.load(f)
+  if hf_config.get("peft_type", "LORA") != "LORA":
+    raise ValueError(f"peft_type {hf_config.get('peft_type')!r} is not LORA.")
+  unsupported = {k: hf_config[k] for k in _UNSUPPORTED_ON_IMPORT
+                 if hf_config.get(k) not in (None, False, [], {}, _PEFT_CONFIG_DEFAULTS.get(k))}
+  if hf_config.get("bias", "none") != "none":
+    unsupported["bias"] = hf_config["bias"]
+  if unsupported:
+    raise ValueError(f"This adapter uses PEFT features peft_jax does not implement: {unsupported}.")
+  init = hf_config.get("init_lora_weights", True)
+  if isinstance(init, str) and init.startswith(("pissa", "olora", "corda", "loftq")):
+    raise ValueError(
+        f"init_lora_weights={init!r}: these adapters belong to a base whose weights the init "
+        "rewrote, not to the original base. Convert them to plain LoRA in peft first "
+        "(save_pretrained(..., path_initial_model_for_weight_conversion=...)).")
+
+  per_layer: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  unknown, skipped = [], []
+  hf_name_of: dict[str, str] = {}
+  for key, value in load_file(weights_path).items():
+    parsed = _parse_key(key)
+    if parsed is None:
+      (skipped if key.endswith(".base_layer.weight") else unknown).append(key)
+      continue
+    hf_name, kind, leaf = parsed
+    path = path_map.from_hf(hf_name)
+    hf_name_of[path] = hf_name
+    per_layer[path][leaf] = value.T if kind is not None else value
+  if unknown:
+    raise ValueError(f"Keys that are not LoRA weights: {sorted(unknown)[:10]}"
+                     f"{' ...' if len(unknown) > 10 else ''}")
+  if skipped:
+    warnings.warn(f"Ignoring {len(skipped)} saved base-layer weights ({skipped[0]}, ...): "
+                  "they belong to the base model, not the adapter.", stacklevel=2)
+
+  default_rank, default_alpha = int(hf_config.get("r", 8)), float(hf_config.get("lora_alpha", 8))
+  ranks, alphas = {}, {}
+  for path, leaves in per_layer.items():
+    if "lora_a" not in leaves or "lora_b" not in leaves:
+      raise ValueError(f"{hf_name_of[path]!r}: lora_A and lora_B must both be present.")
+    ranks[path] = int(leaves["lora_a"].shape[-1])
+    alphas[path] = float(_hf_pattern_value(hf_config.get("alpha_pattern"), hf_name_of[path],
+                                           default_alpha))
+  modules = dict(per_layer)
+  if scanned:
+    if path_map.scanned_prefix is None:
+      raise ValueError("scanned=True needs a path map with scanned_prefix.")
+    modules = _stack_layers(modules, path_map.scanned_prefix, num_layers)
+    layer = re.compile(rf"{re.escape(path_map.scanned_prefix)}_\d+(/.*)")
+    for table in (ranks, alphas):
+      for path in list(table):
+        match = layer.fullmatch(path)
+        value = table.pop(path)
+        stacked = path_map.scanned_prefix + match.group(1) if match else path
+        if table.setdefault(stacked, value) != value:
+          raise ValueError(f"Cannot stack {stacked!r}: layers have different ranks or alphas.")
+
+  flat = {}
+  for path, leaves in modules.items():
+    for name, value in leaves.items():
+      array = jnp.asarray(np.ascontiguousarray(value))
+      flat[f"{path}/{name}"] = array if dtype is None else array.astype(dtype)
+  hf_targets = hf_config.get("target_modules")
+  names_only = (isinstance(hf_targets, list) and all("." not in t for t in hf_targets)
+                and hf_config.get("layers_to_transform") is None
+                and hf_config.get("exclude_modules") is None)
+  targets = (tuple(sorted({p.rsplit("/", 1)[-1] for p in modules})) if names_only
+             else tuple(sorted(modules)))
+  config = LoRAConfig(
+      rank=default_rank, alpha=_alpha_value(default_alpha),
+      target_modules=targets, dropout=float(hf_config.get("lora_dropout", 0.0)),
+      use_rslora=bool(hf_config.get("use_rslora", False)),
+      use_dora=bool(hf_config.get("use_dora", False)),
+      rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
+      alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
+                     if a != default_alpha})
+  return targeting.unflatten(flat), config
