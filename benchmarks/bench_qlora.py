@@ -23,7 +23,7 @@ its baseline from the same run, with the spread of per-rep ratios. Writes
 
     python benchmarks/bench_qlora.py            # full settings, ~5-6 min on 2 loaded cores
     python benchmarks/bench_qlora.py --rss-all-linear  # + 2 RSS processes, ~1.5 min more
-    python benchmarks/bench_qlora.py --quick    # tiny model, seconds; writes nothing unless --out
+    python benchmarks/bench_qlora.py --quick    # tiny model, ~2.5 min (compiles dominate); writes nothing unless --out
 """
 
 from __future__ import annotations
@@ -394,9 +394,9 @@ def diagnose(result: dict) -> str:
         f"* {', '.join(flat)} ({bb['per_module'][flat[0]]['shape'][0]} input rows, not a "
         f"multiple of the block size 64) is stored in bitsandbytes' flat layout, for which "
         f"`nf4_matmul` takes the \"reference\" path: the whole float32 weight is dequantized in "
-        f"the forward and again in the backward pass (HLO: "
-        f"{st['hlo'].get('qlora_qv', {}).get('whole_weight_dequantize_ops_by_module', {})} "
-        f"`_dequantize` ops)." + (
+        f"the forward and again in the backward pass (HLO instructions from `_dequantize` "
+        f"inside `_matmul_2d`, by module: "
+        f"{st['hlo'].get('qlora_qv', {}).get('whole_weight_dequantize_ops_by_module', {})})." + (
             f" Leaving it in float32 gives QLoRA temporaries of {C.mib(no_down['temp_bytes'])} "
             f"(step {C.mib(no_down['step_bytes'])}, "
             f"{no_down['step_bytes'] / lq['step_bytes']:.3f}x LoRA)." if no_down else ""))
