@@ -4,7 +4,7 @@ Adapters are pure transformations of a Flax params tree; a Flax method
 interceptor runs them; optimizers are optax transformations.
 """
 
-from peft_jax import checkpoint, merging, multitask, quant, targeting
+from peft_jax import checkpoint, merging, multitask, optim, quant, targeting
 from peft_jax.checkpoint import (
     export_peft,
     import_peft,
@@ -45,6 +45,6 @@ __all__ = [
     "adapter_paths", "apply", "apply_dora", "apply_lora", "apply_qlora", "checkpoint",
     "combine", "combine_adapters", "dequantize", "export_peft", "import_peft", "intercept",
     "kernel_layouts", "load_lora_state_dict", "lora_transform", "merge", "merge_into_quantized",
-    "merge_lora", "merging", "multitask", "nf4_matmul", "prune_lora_adapters", "quant",
+    "merge_lora", "merging", "multitask", "nf4_matmul", "optim", "prune_lora_adapters", "quant",
     "quantize", "save_lora_state_dict", "split", "targeting", "task_arithmetic", "unmerge",
 ]

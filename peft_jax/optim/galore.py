@@ -1,0 +1,683 @@
+"""GaLore: full-parameter training with Adam moments in a low-rank subspace.
+
+A port of the reference implementation (jiaweizzhao/GaLore, `galore_torch/
+adamw.py` and `galore_projector.py`) to Flax parameter trees. The
+reference's rules are stated for PyTorch's `(out, in)` weights; a Flax
+`Dense` kernel is `(in, out)`, so this module projects the Flax kernel on the
+side that makes the result equal to the reference on the transposed weight,
+square matrices included (see `proj_type`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Callable, Literal, Mapping, NamedTuple, Optional, Sequence, Union
+
+import jax
+import jax.numpy as jnp
+import optax
+from optax._src import base
+from optax._src import numerics
+
+from peft_jax.optim import _paths
+
+__all__ = [
+    "GaLoreDimensionNumbers",
+    "ScaleByGaLoreState",
+    "galore",
+    "galore_projected_paths",
+    "scale_by_galore",
+]
+
+ProjType = Literal["std", "reverse_std", "left", "right", "full"]
+RefreshMethod = Literal["svd", "randomized"]
+
+# Attention and MLP kernels, the reference's choice ("attn" or "mlp" in the
+# module name, `torchrun_main.py`). Embeddings, norms, biases and the head
+# fall outside and get full-size AdamW.
+DEFAULT_TARGETS = r".*(attn|attention|mlp|ffn|feed_forward).*/kernel"
+
+
+class GaLoreDimensionNumbers(NamedTuple):
+  """Which axes of a parameter form the `(in, out)` matrix GaLore projects.
+
+  Axes named in neither field are batch axes: each index along them gets its
+  own projector (stacked/scanned layers, `(L, in, out)`). The default, last
+  two axes as `(in, out)` and any leading axes as batch, fits `nn.Dense`
+  kernels, scanned or not. A `DenseGeneral` kernel `(embed, heads, head_dim)`
+  takes `GaLoreDimensionNumbers(reduction_axis=0, output_axis=(1, 2))`.
+
+  Attributes:
+    reduction_axis: axis or axes contracted with the input (Flax `in`).
+    output_axis: axis or axes of the output features (Flax `out`).
+  """
+
+  reduction_axis: Union[int, Sequence[int]] = -2
+  output_axis: Union[int, Sequence[int]] = -1
+
+
+class ScaleByGaLoreState(NamedTuple):
+  """State of `scale_by_galore`.
+
+  For a projected parameter with batch shape `B` (stacked layers), input size
+  `n` and output size `m` (Flax kernel `(*B, n, m)`) and rank `r`:
+
+  Attributes:
+    count: shape=(), dtype=int32. Updates taken so far; projectors refresh
+      when `count % update_proj_gap == 0`, before the update.
+    in_projector: per leaf (*B, n, r) when the input side is projected
+      ("right" in the reference's `(out, in)` layout: `Vh[:r]ᵀ`), else an
+      empty (0,) array.
+    out_projector: per leaf (*B, m, r) when the output side is projected
+      ("left": `U[:, :r]`), else an empty (0,) array.
+    mu: first moments; (*B, r, m), (*B, n, r) or (*B, r, r) for projected
+      leaves (input side, output side, both), the parameter's shape otherwise.
+    nu: second moments, same shapes as `mu`.
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+  in_projector: base.Params  # (*B, n, r) or (0,) per leaf
+  out_projector: base.Params  # (*B, m, r) or (0,) per leaf
+  mu: base.Updates  # low-rank shape or parameter shape
+  nu: base.Updates  # same as mu
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+  """How one parameter is projected (static, derived from path and shape)."""
+
+  perm: tuple[int, ...]  # moves axes to (*batch, *in, *out)
+  inverse_perm: tuple[int, ...]
+  permuted_shape: tuple[int, ...]
+  batch_shape: tuple[int, ...]
+  n_in: int
+  n_out: int
+  side: str  # "in", "out" or "both"
+  rank: int
+
+  @property
+  def n_batch(self) -> int:
+    return math.prod(self.batch_shape)
+
+  def to_3d(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x, self.perm).reshape(self.n_batch, self.n_in, self.n_out)
+
+  def from_3d(self, x: jax.Array) -> jax.Array:
+    return jnp.transpose(x.reshape(self.permuted_shape), self.inverse_perm)
+
+  def low_rank_shape(self) -> tuple[int, ...]:
+    r = self.rank
+    inner = {"in": (r, self.n_out), "out": (self.n_in, r), "both": (r, r)}[self.side]
+    return self.batch_shape + inner
+
+  def projector_shapes(self) -> tuple[Optional[tuple[int, ...]], Optional[tuple[int, ...]]]:
+    in_shape = self.batch_shape + (self.n_in, self.rank)
+    out_shape = self.batch_shape + (self.n_out, self.rank)
+    return (
+        in_shape if self.side in ("in", "both") else None,
+        out_shape if self.side in ("out", "both") else None,
+    )
+
+
+def _side(proj_type: str, n_in: int, n_out: int) -> str:
+  """The projected side of a Flax `(in, out)` kernel for a reference type.
+
+  The reference works on `G` of shape `(m, n) = (out, in)`. "right" keeps
+  `Vh[:r]`, i.e. projects the `in` axis; "left" keeps `U[:, :r]`, the `out`
+  axis; "std" picks right when `m >= n` (square matrices included).
+  """
+  m, n = n_out, n_in
+  if proj_type == "std":
+    return "in" if m >= n else "out"
+  if proj_type == "reverse_std":
+    return "out" if m >= n else "in"
+  if proj_type == "right":
+    return "in"
+  if proj_type == "left":
+    return "out"
+  if proj_type == "full":
+    return "both"
+  raise ValueError(
+      f"proj_type must be one of 'std', 'reverse_std', 'left', 'right', "
+      f"'full'; got {proj_type!r}."
+  )
+
+
+def _normalize_axes(axes: Union[int, Sequence[int]], ndim: int) -> tuple[int, ...]:
+  if isinstance(axes, int):
+    axes = (axes,)
+  return tuple(a % ndim for a in axes)
+
+
+def _make_plan(
+    path: str, shape: tuple[int, ...], dims: GaLoreDimensionNumbers, rank: int, proj_type: str
+) -> _Plan:
+  ndim = len(shape)
+  if ndim < 2:
+    raise ValueError(
+        f"GaLore projects matrices, but targeted parameter {path!r} has shape "
+        f"{shape}; narrow `targets`."
+    )
+  in_axes = _normalize_axes(dims.reduction_axis, ndim)
+  out_axes = _normalize_axes(dims.output_axis, ndim)
+  if set(in_axes) & set(out_axes):
+    raise ValueError(f"{path!r}: reduction and output axes overlap: {dims}.")
+  batch_axes = tuple(a for a in range(ndim) if a not in in_axes + out_axes)
+  perm = batch_axes + in_axes + out_axes
+  inverse_perm = tuple(sorted(range(ndim), key=lambda i: perm[i]))
+  permuted_shape = tuple(shape[a] for a in perm)
+  batch_shape = tuple(shape[a] for a in batch_axes)
+  n_in = math.prod(shape[a] for a in in_axes)
+  n_out = math.prod(shape[a] for a in out_axes)
+  if not isinstance(rank, int) or rank <= 0:
+    raise ValueError(f"GaLore rank for {path!r} must be a positive int, got {rank!r}.")
+  return _Plan(
+      perm=perm,
+      inverse_perm=inverse_perm,
+      permuted_shape=permuted_shape,
+      batch_shape=batch_shape,
+      n_in=n_in,
+      n_out=n_out,
+      side=_side(proj_type, n_in, n_out),
+      rank=min(rank, n_in, n_out),
+  )
+
+
+def _build_plans(
+    params: Any,
+    rank: Union[int, Mapping[str, int], Callable[[str], int]],
+    targets: _paths.Patterns,
+    dimension_numbers: Any,
+    proj_type: str,
+) -> Any:
+  """A tree like `params` of `_Plan` (projected) or None (plain AdamW)."""
+  paths = _paths.flat_paths(params)
+  target_patterns = _paths.compile_patterns(DEFAULT_TARGETS if targets is None else targets)
+  for pattern in target_patterns:
+    if not any(pattern.fullmatch(p) for p in paths):
+      raise _paths.unmatched_error(pattern, paths, "GaLore target")
+  rank_of = _paths.resolve_per_path(rank, paths, "GaLore rank", lambda x: isinstance(x, int))
+  dims_of = _paths.resolve_per_path(
+      GaLoreDimensionNumbers() if dimension_numbers is None else dimension_numbers,
+      paths,
+      "GaLore dimension_numbers",
+      lambda x: isinstance(x, GaLoreDimensionNumbers),
+  )
+
+  def plan(key_path, leaf):
+    path = _paths.path_to_str(key_path)
+    if not _paths.matches_any(path, target_patterns):
+      return None
+    found, r = rank_of(path)
+    if not found:
+      raise ValueError(f"No GaLore rank pattern matches targeted parameter {path!r}.")
+    found, dims = dims_of(path)
+    if not found:
+      dims = GaLoreDimensionNumbers()
+    return _make_plan(path, tuple(leaf.shape), dims, r, proj_type)
+
+  return jax.tree_util.tree_map_with_path(plan, params)
+
+
+def _is_plan_leaf(x: Any) -> bool:
+  return x is None or isinstance(x, _Plan)
+
+
+def galore_projected_paths(
+    params: Any,
+    rank: Union[int, Mapping[str, int]] = 128,
+    targets: _paths.Patterns = None,
+    dimension_numbers: Any = None,
+    proj_type: ProjType = "std",
+) -> dict[str, dict[str, Any]]:
+  """Which parameters GaLore projects, on which side and at which rank.
+
+  Args:
+    params: a parameter tree (arrays or `jax.ShapeDtypeStruct`s).
+    rank, targets, dimension_numbers, proj_type: as in `scale_by_galore`.
+
+  Returns:
+    `{path: {"side": "in"|"out"|"both", "rank": r, "batch_shape": B,
+    "matrix": (n_in, n_out)}}` for each projected parameter.
+  """
+  plans = _build_plans(params, rank, targets, dimension_numbers, proj_type)
+  out = {}
+  for key_path, p in jax.tree_util.tree_leaves_with_path(plans, is_leaf=_is_plan_leaf):
+    if p is not None:
+      out[_paths.path_to_str(key_path)] = {
+          "side": p.side,
+          "rank": p.rank,
+          "batch_shape": p.batch_shape,
+          "matrix": (p.n_in, p.n_out),
+      }
+  return out
+
+
+# --------------------------------------------------------------------------
+# Projector refresh.
+
+
+def _svd_projectors(g3: jax.Array, plan: _Plan) -> tuple[jax.Array, jax.Array]:
+  """Top-`rank` singular vectors, computed in the reference's layout.
+
+  The SVD runs on `Gᵀ = (out, in)`, the matrix the reference decomposes, so
+  LAPACK's sign conventions match it and the moments carried across a
+  refresh land in the same basis.
+  """
+  g_torch = jnp.swapaxes(g3.astype(jnp.float32), -1, -2)  # (nb, out, in)
+  u, _, vh = jnp.linalg.svd(g_torch, full_matrices=False)
+  in_projector = jnp.swapaxes(vh[:, : plan.rank, :], -1, -2)  # (nb, in, r)
+  out_projector = u[:, :, : plan.rank]  # (nb, out, r)
+  return in_projector, out_projector
+
+
+def _orthonormal_range(y: jax.Array) -> jax.Array:
+  q, _ = jnp.linalg.qr(y)
+  return q
+
+
+def _randomized_projectors(
+    g3: jax.Array, plan: _Plan, key: jax.Array, oversample: int, power_iterations: int
+) -> tuple[jax.Array, jax.Array]:
+  """Approximate top-`rank` singular vectors by a randomized range finder.
+
+  Halko, Martinsson & Tropp (2011), Algorithms 4.4 and 5.1: sketch the range
+  of the smaller side with `rank + oversample` Gaussian probes, sharpen it
+  with `power_iterations` QR-stabilised passes, then take an exact SVD of
+  the small `(rank + oversample) x other` matrix. Cost `O(n m (r + p)(2q +
+  2))` instead of `O(n m min(n, m))`.
+  """
+  g = g3.astype(jnp.float32)  # (nb, n, m)
+  nb, n, m = g.shape
+  # Sketch the columns of whichever orientation has the smaller row count.
+  transpose = n > m
+  if transpose:
+    g = jnp.swapaxes(g, -1, -2)
+  rows, cols = g.shape[1:]
+  k = min(plan.rank + oversample, rows, cols)
+  omega = jax.random.normal(key, (nb, cols, k), jnp.float32)
+  q = _orthonormal_range(g @ omega)
+  for _ in range(power_iterations):
+    z = _orthonormal_range(jnp.swapaxes(g, -1, -2) @ q)
+    q = _orthonormal_range(g @ z)
+  b = jnp.swapaxes(q, -1, -2) @ g  # (nb, k, cols)
+  ub, _, vbh = jnp.linalg.svd(b, full_matrices=False)
+  row_vectors = (q @ ub)[:, :, : plan.rank]  # (nb, rows, r)
+  col_vectors = jnp.swapaxes(vbh[:, : plan.rank, :], -1, -2)  # (nb, cols, r)
+  if transpose:
+    row_vectors, col_vectors = col_vectors, row_vectors
+  return row_vectors, col_vectors  # (nb, n, r), (nb, m, r)
+
+
+def _refresh(
+    g3: jax.Array,
+    plan: _Plan,
+    method: str,
+    key: jax.Array,
+    oversample: int,
+    power_iterations: int,
+    dtype: Any,
+) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+  if method == "svd":
+    in_p, out_p = _svd_projectors(g3, plan)
+  else:
+    in_p, out_p = _randomized_projectors(g3, plan, key, oversample, power_iterations)
+  in_shape, out_shape = plan.projector_shapes()
+  in_p = None if in_shape is None else in_p.reshape(in_shape).astype(dtype)
+  out_p = None if out_shape is None else out_p.reshape(out_shape).astype(dtype)
+  return in_p, out_p
+
+
+def _project(g3: jax.Array, in_p: jax.Array, out_p: jax.Array, plan: _Plan) -> jax.Array:
+  """`R` of the reference, in Flax orientation; (nb, ...) low-rank."""
+  if plan.side == "in":
+    return jnp.einsum("bir,bio->bro", in_p, g3)
+  if plan.side == "out":
+    return jnp.einsum("bio,bor->bir", g3, out_p)
+  return jnp.einsum("bir,bio,bos->brs", in_p, g3, out_p)
+
+
+def _project_back(n: jax.Array, in_p: jax.Array, out_p: jax.Array, plan: _Plan) -> jax.Array:
+  if plan.side == "in":
+    return jnp.einsum("bir,bro->bio", in_p, n)
+  if plan.side == "out":
+    return jnp.einsum("bir,bor->bio", n, out_p)
+  return jnp.einsum("bir,brs,bos->bio", in_p, n, out_p)
+
+
+def _as_3d_projector(p: jax.Array, plan: _Plan) -> jax.Array:
+  return p.reshape((plan.n_batch,) + p.shape[len(plan.batch_shape):])
+
+
+# --------------------------------------------------------------------------
+# The transformation.
+
+
+def scale_by_galore(
+    rank: Union[int, Mapping[str, int], Callable[[str], int]] = 128,
+    update_proj_gap: int = 200,
+    scale: jax.typing.ArrayLike = 0.25,
+    proj_type: ProjType = "std",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    *,
+    targets: _paths.Patterns = None,
+    dimension_numbers: Any = None,
+    refresh: RefreshMethod = "svd",
+    oversample: int = 8,
+    power_iterations: int = 2,
+    seed: int = 0,
+    reset_moments: bool = False,
+) -> base.GradientTransformation:
+  r"""Adam with the moments of chosen matrices kept in a low-rank subspace.
+
+  For a targeted matrix with gradient `G` (reference layout `(out, in)`) and
+  projector `P` refreshed from the SVD of `G` every `update_proj_gap` steps
+  (before the update, so at steps 0, gap, 2 gap, ...):
+
+  .. math::
+
+    R_t = \mathrm{project}(G_t), \quad
+    m_t = b_1 m_{t-1} + (1 - b_1) R_t, \quad
+    v_t = b_2 v_{t-1} + (1 - b_2) R_t^2, \\
+    u_t = \frac{\sqrt{1 - b_2^t}}{1 - b_1^t}\,
+          \mathrm{scale}\cdot\mathrm{project\_back}\!\left(
+          \frac{m_t}{\sqrt{v_t} + \epsilon}\right)
+
+  with `eps` outside the bias correction, as the reference's (Hugging Face
+  style) AdamW has it. Other parameters get the same Adam at full size with
+  no `scale`. The moments are kept across a refresh, as the reference does
+  (GaLore issue #54); `reset_moments=True` zeroes the projected moments and
+  restarts their bias correction at each refresh instead.
+
+  `proj_type` follows `galore_torch.GaLoreProjector` on the `(out, in)`
+  matrix `W = Kᵀ` of a Flax kernel `K`: "std" projects the `in` axis when
+  `out >= in` (so square matrices use the reference's "right"), otherwise
+  the `out` axis; "reverse_std" the opposite; "right" always `in`; "left"
+  always `out`; "full" both.
+
+  Args:
+    rank: projection rank, one int, a mapping from path patterns to ints
+      (first `re.fullmatch` wins), or a callable of the path. Capped at the
+      matrix's smaller side.
+    update_proj_gap: steps between projector refreshes.
+    scale: the reference's GaLore scale (alpha) on projected updates.
+    proj_type: "std", "reverse_std", "left", "right" or "full".
+    b1: exponential decay of the first moment.
+    b2: exponential decay of the second moment.
+    eps: added to `sqrt(v)` (not bias-corrected).
+    targets: pattern(s) of the paths to project; default attention and MLP
+      kernels (`DEFAULT_TARGETS`). A pattern matching nothing raises.
+    dimension_numbers: `GaLoreDimensionNumbers`, a mapping from path patterns
+      to them, or a callable of the path; default `(in, out)` = last two axes,
+      leading axes batch (one projector per stacked layer).
+    refresh: "svd" (exact, float32) or "randomized" (range finder).
+    oversample: extra probes of the randomized refresh.
+    power_iterations: power iterations of the randomized refresh.
+    seed: seed of the randomized refresh's probes (folded with the step).
+    reset_moments: zero the projected moments at each refresh.
+
+  Returns:
+    An `optax.GradientTransformation` whose updates are to be multiplied by
+    `-learning_rate` (see `galore`).
+
+  Raises:
+    ValueError: a pattern matches no parameter, a targeted parameter is not
+      a matrix, or `proj_type`/`refresh` is unknown.
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+    Halko, Martinsson & Tropp, `Finding structure with randomness
+    <https://arxiv.org/abs/0909.4061>`_, SIAM Review 2011.
+  """
+  if refresh not in ("svd", "randomized"):
+    raise ValueError(f"refresh must be 'svd' or 'randomized', got {refresh!r}.")
+  _side(proj_type, 1, 1)  # validates proj_type early
+  if update_proj_gap <= 0:
+    raise ValueError(f"update_proj_gap must be positive, got {update_proj_gap}.")
+
+  def plans_for(tree):
+    return _build_plans(tree, rank, targets, dimension_numbers, proj_type)
+
+  def init_fn(params):
+    plans = plans_for(params)
+
+    def init_leaf(plan, p):
+      # Distinct buffers for every field, so a donated state never aliases.
+      if plan is None:
+        return (jnp.zeros((0,), p.dtype), jnp.zeros((0,), p.dtype),
+                jnp.zeros_like(p), jnp.zeros_like(p))
+      in_shape, out_shape = plan.projector_shapes()
+      return (jnp.zeros(in_shape or (0,), p.dtype), jnp.zeros(out_shape or (0,), p.dtype),
+              jnp.zeros(plan.low_rank_shape(), p.dtype), jnp.zeros(plan.low_rank_shape(), p.dtype))
+
+    parts = jax.tree.map(init_leaf, plans, params, is_leaf=_is_plan_leaf)
+    in_p, out_p, mu, nu = _unzip4(params, parts)
+    return ScaleByGaLoreState(
+        count=jnp.zeros([], jnp.int32), in_projector=in_p, out_projector=out_p, mu=mu, nu=nu
+    )
+
+  def update_fn(updates, state, params=None):
+    del params
+    plans = plans_for(updates)
+    count = state.count
+    count_inc = numerics.safe_int32_increment(count)
+    do_refresh = count % update_proj_gap == 0
+
+    plan_leaves, treedef = jax.tree.flatten(plans, is_leaf=_is_plan_leaf)
+    grads = treedef.flatten_up_to(updates)
+    in_ps = treedef.flatten_up_to(state.in_projector)
+    out_ps = treedef.flatten_up_to(state.out_projector)
+    mus = treedef.flatten_up_to(state.mu)
+    nus = treedef.flatten_up_to(state.nu)
+    projected = [i for i, p in enumerate(plan_leaves) if p is not None]
+
+    # One cond for all refreshes: the SVDs run only on refresh steps, and the
+    # cond stays outside any per-layer batching (a batched cond would run
+    # both branches).
+    def compute_new(operands):
+      g_list, _ = operands
+      new_in, new_out = [], []
+      for j, i in enumerate(projected):
+        plan = plan_leaves[i]
+        key = jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), count), j)
+        a, b = _refresh(
+            plan.to_3d(g_list[j]), plan, refresh, key, oversample, power_iterations,
+            g_list[j].dtype,
+        )
+        new_in.append(a if a is not None else in_ps[i])
+        new_out.append(b if b is not None else out_ps[i])
+      return new_in, new_out
+
+    def keep_old(operands):
+      _, old = operands
+      return old
+
+    old = ([in_ps[i] for i in projected], [out_ps[i] for i in projected])
+    if projected:
+      new_in, new_out = jax.lax.cond(
+          do_refresh, compute_new, keep_old, ([grads[i] for i in projected], old)
+      )
+    else:
+      new_in, new_out = old
+    in_ps, out_ps = list(in_ps), list(out_ps)
+    for j, i in enumerate(projected):
+      in_ps[i], out_ps[i] = new_in[j], new_out[j]
+
+    b1_ = jnp.asarray(b1)
+    b2_ = jnp.asarray(b2)
+    t_full = count_inc.astype(jnp.float32)
+    t_low = ((count % update_proj_gap) + 1).astype(jnp.float32) if reset_moments else t_full
+
+    def adam(g, mu, nu, t):
+      mu = b1_ * mu + (1 - b1_) * g
+      nu = b2_ * nu + (1 - b2_) * jnp.square(g)
+      correction = jnp.sqrt(1 - b2_**t) / (1 - b1_**t)
+      direction = mu / (jnp.sqrt(nu) + eps)
+      return direction, correction, mu, nu
+
+    out_updates, new_mus, new_nus = [], [], []
+    for i, plan in enumerate(plan_leaves):
+      g, mu, nu = grads[i], mus[i], nus[i]
+      if plan is None:
+        direction, correction, mu, nu = adam(g, mu, nu, t_full)
+        out_updates.append((correction * direction).astype(g.dtype))
+      else:
+        in_p = _as_3d_projector(in_ps[i], plan) if plan.side != "out" else None
+        out_p = _as_3d_projector(out_ps[i], plan) if plan.side != "in" else None
+        low = _project(plan.to_3d(g), in_p, out_p, plan).reshape(plan.low_rank_shape())
+        if reset_moments:
+          mu = jnp.where(do_refresh, jnp.zeros_like(mu), mu)
+          nu = jnp.where(do_refresh, jnp.zeros_like(nu), nu)
+        direction, correction, mu, nu = adam(low, mu, nu, t_low)
+        direction = direction.reshape((plan.n_batch,) + direction.shape[len(plan.batch_shape):])
+        full = plan.from_3d(_project_back(direction, in_p, out_p, plan))
+        out_updates.append((correction * scale * full).astype(g.dtype))
+      new_mus.append(mu)
+      new_nus.append(nu)
+
+    unflatten = treedef.unflatten
+    return unflatten(out_updates), ScaleByGaLoreState(
+        count=count_inc,
+        in_projector=unflatten(in_ps),
+        out_projector=unflatten(out_ps),
+        mu=unflatten(new_mus),
+        nu=unflatten(new_nus),
+    )
+
+  return base.GradientTransformation(init_fn, update_fn)
+
+
+def _unzip4(params: Any, parts: Any) -> tuple[Any, Any, Any, Any]:
+  treedef = jax.tree.structure(params)
+  leaves = treedef.flatten_up_to(parts)
+  return tuple(treedef.unflatten([leaf[k] for leaf in leaves]) for k in range(4))
+
+
+class DecayAfterUpdateState(NamedTuple):
+  """State of `_scale_by_learning_rate_then_decay`.
+
+  Attributes:
+    count: shape=(), dtype=int32. Steps taken, for learning-rate schedules.
+  """
+
+  count: jax.Array  # shape=(), dtype=jnp.int32
+
+
+def _scale_by_learning_rate_then_decay(
+    learning_rate: base.ScalarOrSchedule,
+    weight_decay: jax.typing.ArrayLike,
+    mask: Optional[Union[Any, Callable[[base.Params], Any]]],
+) -> base.GradientTransformation:
+  r"""`-lr * u`, then decoupled decay of the *updated* parameter.
+
+  The reference applies `p -= lr * wd * p` after `p -= lr * u`, so
+
+  .. math:: \Delta = -\eta u - \eta\,\mathrm{wd}\,(p - \eta u).
+  """
+
+  def init_fn(params):
+    del params
+    return DecayAfterUpdateState(count=jnp.zeros([], jnp.int32))
+
+  def update_fn(updates, state, params=None):
+    lr = learning_rate(state.count) if callable(learning_rate) else learning_rate
+    stepped = jax.tree.map(lambda u: (-lr * u).astype(u.dtype), updates)
+    no_decay = isinstance(weight_decay, (int, float)) and weight_decay == 0
+    if not no_decay:
+      if params is None:
+        raise ValueError(base.NO_PARAMS_MSG)
+      decay_mask = mask(params) if callable(mask) else mask
+      if decay_mask is None:
+        decay_mask = jax.tree.map(lambda _: True, params)
+
+      def decay(u, p, m):
+        if not m:
+          return u
+        return (u - lr * weight_decay * (p + u)).astype(u.dtype)
+
+      stepped = jax.tree.map(decay, stepped, params, decay_mask)
+    return stepped, DecayAfterUpdateState(count=numerics.safe_int32_increment(state.count))
+
+  return base.GradientTransformation(init_fn, update_fn)
+
+
+def galore(
+    learning_rate: base.ScalarOrSchedule = 1e-3,
+    rank: Union[int, Mapping[str, int], Callable[[str], int]] = 128,
+    update_proj_gap: int = 200,
+    scale: jax.typing.ArrayLike = 0.25,
+    proj_type: ProjType = "std",
+    b1: jax.typing.ArrayLike = 0.9,
+    b2: jax.typing.ArrayLike = 0.999,
+    eps: jax.typing.ArrayLike = 1e-6,
+    weight_decay: jax.typing.ArrayLike = 0.0,
+    mask: Optional[Union[Any, Callable[[base.Params], Any]]] = None,
+    *,
+    targets: _paths.Patterns = None,
+    dimension_numbers: Any = None,
+    refresh: RefreshMethod = "svd",
+    oversample: int = 8,
+    power_iterations: int = 2,
+    seed: int = 0,
+    reset_moments: bool = False,
+) -> base.GradientTransformation:
+  r"""GaLore AdamW, matching `galore_torch.GaLoreAdamW` step for step.
+
+  `scale_by_galore`, then `-learning_rate`, then the reference's decoupled
+  weight decay, applied after the update to the new parameter
+  (`p ← (p - η u)(1 - η wd)`), to projected and plain parameters alike
+  (restrict it with `mask`). Defaults are the reference README's and Hugging
+  Face's (`rank=128, update_proj_gap=200, scale=0.25, proj_type="std"`) and
+  the reference AdamW's (`b1=0.9, b2=0.999, eps=1e-6`).
+
+  Args:
+    learning_rate: a float or an optax schedule.
+    rank, update_proj_gap, scale, proj_type, b1, b2, eps: see
+      `scale_by_galore`.
+    weight_decay: decoupled weight decay (AdamW's `wd`).
+    mask: tree of bools or callable `params -> tree` saying which leaves
+      decay; default all.
+    targets, dimension_numbers, refresh, oversample, power_iterations, seed,
+      reset_moments: see `scale_by_galore`.
+
+  Returns:
+    An `optax.GradientTransformationExtraArgs`; `update` needs `params` when
+    `weight_decay` is not 0.
+
+  Examples:
+    >>> import jax, jax.numpy as jnp, optax
+    >>> import peft_jax as pj
+    >>> params = {"mlp": {"kernel": jnp.ones((8, 16))}, "norm": {"weight": jnp.ones(8)}}
+    >>> tx = pj.optim.galore(learning_rate=1e-2, rank=2, update_proj_gap=10)
+    >>> state = tx.init(params)
+    >>> state[0].mu["mlp"]["kernel"].shape  # in side (8) projected: (r, out)
+    (2, 16)
+    >>> updates, state = tx.update(jax.tree.map(jnp.ones_like, params), state, params)
+
+  References:
+    Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
+    Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
+  """
+  return optax.chain(
+      scale_by_galore(
+          rank=rank,
+          update_proj_gap=update_proj_gap,
+          scale=scale,
+          proj_type=proj_type,
+          b1=b1,
+          b2=b2,
+          eps=eps,
+          targets=targets,
+          dimension_numbers=dimension_numbers,
+          refresh=refresh,
+          oversample=oversample,
+          power_iterations=power_iterations,
+          seed=seed,
+          reset_moments=reset_moments,
+      ),
+      _scale_by_learning_rate_then_decay(learning_rate, weight_decay, mask),
+  )
