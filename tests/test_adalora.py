@@ -1,6 +1,7 @@
 """AdaLoRA: Hugging Face PEFT reference numbers, float64 NumPy oracles, resizing, training."""
 
 import functools
+import importlib
 import json
 import pathlib
 
@@ -15,7 +16,9 @@ import pytest
 import peft_jax as pj
 from peft_jax.lora import adalora as la
 from peft_jax.models import llama
-from peft_jax.optim import adalora as oa
+
+# The module (the package re-exports the function `adalora` under the same name).
+oa = importlib.import_module("peft_jax.optim.adalora")
 
 REFERENCE = json.loads(
     (pathlib.Path(__file__).parent / "data" / "adalora_reference.json").read_text())
