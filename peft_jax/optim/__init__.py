@@ -2,7 +2,8 @@
 
 * `galore` / `scale_by_galore`: Adam moments in a low-rank gradient subspace.
 * `lora_plus`: LoRA+ learning-rate groups (`lora_b` at `ratio` x `lora_a`).
-* `lisa`: layerwise importance sampling of decoder layers.
+* `lisa`: layerwise importance sampling of decoder layers; `lisa_split` /
+  `lisa_combine` / `lisa_value_and_grad` differentiate the active layers only.
 * `adalora`: AdaLoRA's rank allocator (wraps the optimizer; needs params).
 """
 
@@ -19,6 +20,10 @@ from peft_jax.optim.galore import scale_by_galore
 from peft_jax.optim.lisa import LisaState
 from peft_jax.optim.lisa import lisa
 from peft_jax.optim.lisa import lisa_active_layers
+from peft_jax.optim.lisa_grad import LisaFrozen
+from peft_jax.optim.lisa_grad import lisa_combine
+from peft_jax.optim.lisa_grad import lisa_split
+from peft_jax.optim.lisa_grad import lisa_value_and_grad
 from peft_jax.optim.lora_plus import LORA_PLUS_GROUPS
 from peft_jax.optim.lora_plus import lora_plus
 from peft_jax.optim.lora_plus import lora_plus_groups
@@ -30,12 +35,16 @@ __all__ = [
     "triplet_scores",
     "GaLoreDimensionNumbers",
     "LORA_PLUS_GROUPS",
+    "LisaFrozen",
     "LisaState",
     "ScaleByGaLoreState",
     "galore",
     "galore_projected_paths",
     "lisa",
     "lisa_active_layers",
+    "lisa_combine",
+    "lisa_split",
+    "lisa_value_and_grad",
     "lora_plus",
     "lora_plus_groups",
     "scale_by_galore",

@@ -218,6 +218,45 @@ def _scatter_flat(
   return out
 
 
+def _compact_shapes(layout: _Layout, flat_params: dict, n_layers: int) -> dict:
+  """Flat key -> shape of the compact tree of `flat_params`."""
+  out = {}
+  for key, leaf in zip(layout.keys, layout.leaves):
+    shape = tuple(flat_params[key].shape)
+    if leaf.kind == "always":
+      out[key] = shape
+    elif leaf.kind == "stacked":
+      out[key] = (n_layers,) + shape[1:]
+  for slot, keys in layout.unrolled:
+    for s in range(n_layers):
+      out[_slot(slot, s)] = tuple(flat_params[keys[0]].shape)
+  return out
+
+
+def _is_compact(layout: _Layout, flat_updates: dict, flat_params: dict, n_layers: int) -> bool:
+  """Whether `flat_updates` is the compact (active-only) tree, else the full one.
+
+  Raises:
+    ValueError: the updates are neither (e.g. `lisa_split` was called with
+      other `always_trainable` or layer patterns than `lisa`).
+  """
+  shape = lambda x: tuple(getattr(x, "shape", ()))
+  got = {k: shape(v) for k, v in flat_updates.items()}
+  full = {k: shape(v) for k, v in flat_params.items()}
+  if got == full:
+    return False
+  compact = _compact_shapes(layout, flat_params, n_layers)
+  if got == compact:
+    return True
+  raise ValueError(
+      "LISA updates match neither the params nor the active-only tree of "
+      f"`lisa_split` for n_layers={n_layers} (same always_trainable and layer "
+      f"patterns as `lisa`?). Unexpected keys: {sorted(set(got) - set(compact))[:5]}, "
+      f"missing: {sorted(set(compact) - set(got))[:5]}, shape mismatches: "
+      f"{[k for k in set(got) & set(compact) if got[k] != compact[k]][:5]}."
+  )
+
+
 def _is_param_tree(treedef: Any):
   is_masked = lambda x: isinstance(x, optax.MaskedNode)
   return lambda x: jax.tree.structure(x, is_leaf=is_masked) == treedef
@@ -307,7 +346,12 @@ def lisa(
 
   Returns:
     An `optax.GradientTransformationExtraArgs`; extra arguments go to `inner`.
-    Parameters must be nested dicts.
+    Parameters must be nested dicts. `update` takes either gradients for the
+    whole params tree (and returns full updates, zero on frozen layers) or,
+    given the full `params`, the active-only tree of
+    `peft_jax.optim.lisa_split` (and returns updates of that shape; see
+    `peft_jax.optim.lisa_grad`), which skips full-size gradient and update
+    trees.
 
   Raises:
     ValueError: no layers found, layer counts disagree, layers differ in
@@ -351,14 +395,25 @@ def lisa(
 
   def update_fn(updates, state, params=None, **extra_args):
     flat_updates = traverse_util.flatten_dict(updates)
-    layout = layout_of(flat_updates)
+    flat_params = None if params is None else traverse_util.flatten_dict(params)
+    layout = layout_of(flat_updates if flat_params is None else flat_params)
     active = state.active_layers
-    compact_updates = compact_tree(layout, flat_updates, active)
+    # Gradients for the active layers only (`lisa_split`'s compact tree) are
+    # recognised against the full `params`; updates then stay compact too.
+    active_only = flat_params is not None and _is_compact(
+        layout, flat_updates, flat_params, n_layers
+    )
+    compact_updates = (
+        traverse_util.unflatten_dict(flat_updates) if active_only
+        else compact_tree(layout, flat_updates, active)
+    )
     compact_params = (
         None if params is None
-        else compact_tree(layout, traverse_util.flatten_dict(params), active)
+        else compact_tree(layout, flat_params, active)
     )
-    full_trainable = traverse_util.unflatten_dict(trainable_flat(layout, flat_updates))
+    full_trainable = traverse_util.unflatten_dict(
+        trainable_flat(layout, flat_updates if flat_params is None else flat_params)
+    )
     full_def = jax.tree.structure(full_trainable)
     compact_def = jax.tree.structure(compact_updates)
 
@@ -373,10 +428,13 @@ def lisa(
     new_compact, inner_state = inner.update(
         compact_updates, inner_state, compact_params, **extra_args
     )
-    zeros = {k: jnp.zeros_like(v) for k, v in flat_updates.items()}
-    new_updates = traverse_util.unflatten_dict(
-        _scatter_flat(layout, traverse_util.flatten_dict(new_compact), zeros, active, n_layers)
-    )
+    if active_only:
+      new_updates = new_compact
+    else:
+      zeros = {k: jnp.zeros_like(v) for k, v in flat_updates.items()}
+      new_updates = traverse_util.unflatten_dict(
+          _scatter_flat(layout, traverse_util.flatten_dict(new_compact), zeros, active, n_layers)
+      )
 
     if state_mode == "keep":
 
@@ -404,7 +462,7 @@ def lisa(
         lambda: active,
     )
     if state_mode == "reset":
-      source = flat_updates if params is None else traverse_util.flatten_dict(params)
+      source = flat_updates if params is None else flat_params
 
       def fresh():
         tree = compact_tree(layout, source, next_active)
