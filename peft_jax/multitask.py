@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import targeting
+from peft_jax.lora.tree import adapter_modules
 from peft_jax.checkpoint import orbax as checkpoint_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
@@ -118,13 +119,7 @@ class AdapterStack:
 
 
 def _module_leaves(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
-  modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
-  for path, leaf in flat.items():
-    module, name = targeting.split_path(path)
-    if name in targeting.ADAPTER_LEAVES:
-      modules[module][name] = leaf
-  return dict(modules)
+  return adapter_modules(adapters)
 
 
 def stack_adapters(library: Mapping[str, TaskAdapter], *,

@@ -39,6 +39,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from peft_jax import targeting
+from peft_jax.lora.tree import adapter_modules
 from peft_jax.lora.config import LoRAConfig
 
 CONFIG_NAME = "adapter_config.json"
@@ -148,12 +149,7 @@ def hf_path_map(scanned_prefix: str | None = "model/layers") -> PathMap:
 
 # -- export -----------------------------------------------------------------------
 def _group_by_module(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
-  modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
-  for path, leaf in flat.items():
-    module, name = targeting.split_path(path)
-    if name in targeting.ADAPTER_LEAVES:
-      modules[module][name] = leaf
+  modules = adapter_modules(adapters)
   if not modules:
     raise ValueError("No adapter leaves (lora_a, lora_b, lora_magnitude) to export.")
   return dict(modules)

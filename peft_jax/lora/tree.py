@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 from collections.abc import Mapping
 from typing import Any
 
@@ -66,3 +67,14 @@ def adapter_paths(params: Mapping[str, Any]) -> list[str]:
   """Module paths that hold ``lora_a``."""
   inner, _ = targeting.unwrap_params(params)
   return [p[: -len("/lora_a")] for p in targeting.flatten(inner) if p.endswith("/lora_a")]
+
+
+def adapter_modules(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  """Groups adapter leaves by module: ``{module_path: {'lora_a': ..., ...}}``."""
+  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
+  modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
+  for path, leaf in flat.items():
+    module, name = targeting.split_path(path)
+    if name in targeting.ADAPTER_LEAVES:
+      modules[module][name] = leaf
+  return dict(modules)

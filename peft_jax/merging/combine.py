@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 
 from peft_jax import targeting
+from peft_jax.lora.tree import adapter_modules
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.merge import merged_kernel
@@ -145,13 +146,7 @@ def _as_configs(configs: LoRAConfig | Sequence[LoRAConfig], n: int) -> list[LoRA
 
 
 def _modules(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
-  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
-  modules: dict[str, dict[str, Any]] = collections.defaultdict(dict)
-  for path, leaf in flat.items():
-    module, name = targeting.split_path(path)
-    if name in targeting.ADAPTER_LEAVES:
-      modules[module][name] = leaf
-  return dict(modules)
+  return adapter_modules(adapters)
 
 
 def _check_inputs(adapters_list, weights):

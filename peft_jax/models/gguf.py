@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import os
 import pathlib
 import re
@@ -37,6 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.models._imports import require as _require
 from peft_jax.models.llama import LlamaConfig, init_params
 
 __all__ = [
@@ -74,16 +74,6 @@ _GLOBAL_TENSORS = {
 }
 
 _MISSING = object()
-
-
-def _require(module: str, package: str, purpose: str):
-    """Imports an optional dependency, saying how to install it when absent."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            f"{purpose} needs the `{package}` package: pip install {package}"
-        ) from error
 
 
 def open_gguf(path: str | os.PathLike[str]):

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import importlib
 import json
 import os
 import pathlib
@@ -32,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax.models._imports import require as _require
 from peft_jax.models.llama import (
     LlamaConfig,
     init_params,
@@ -54,16 +54,6 @@ INDEX_FILE = "model.safetensors.index.json"
 _UNROLLED_LAYER = re.compile(r"layers_(\d+)")
 # Buffers some checkpoints carry that are recomputed, not learned.
 _IGNORED_TENSOR = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
-
-
-def _require(module: str, package: str, purpose: str):
-    """Imports an optional dependency, saying how to install it when absent."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            f"{purpose} needs the `{package}` package: pip install {package}"
-        ) from error
 
 
 def hf_name_for_param_path(path: tuple[str, ...]) -> tuple[str, bool]:

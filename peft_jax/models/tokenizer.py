@@ -21,7 +21,6 @@ Example:
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import pathlib
@@ -29,6 +28,8 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+
+from peft_jax.models._imports import require as _require
 
 __all__ = [
     "GGUF_PRE_TOKENIZERS",
@@ -58,16 +59,6 @@ GGUF_PRE_TOKENIZERS = {
     "smollm": dict(individual_digits=True, split_regex=None),
     "llama-bpe": dict(individual_digits=False, split_regex=_LLAMA3_SPLIT),
 }
-
-
-def _require(module: str, package: str, purpose: str):
-    """Imports an optional dependency, saying how to install it when absent."""
-    try:
-        return importlib.import_module(module)
-    except ModuleNotFoundError as error:
-        raise ModuleNotFoundError(
-            f"{purpose} needs the `{package}` package: pip install {package}"
-        ) from error
 
 
 class PretrainedTokenizer:
