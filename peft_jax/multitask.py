@@ -20,7 +20,6 @@ runs the base alone. Each row equals running it alone with its own adapter.
 
 from __future__ import annotations
 
-import collections
 import contextlib
 import dataclasses
 import os

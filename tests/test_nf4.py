@@ -1,7 +1,6 @@
 """NF4/FP4 quantization against a NumPy implementation of the spec (ALGORITHMS.md §1)."""
 
 import json
-import math
 import pathlib
 
 import flax.linen as nn

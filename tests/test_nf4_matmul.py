@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from peft_jax.quant import NF4, nf4_matmul, quantize_array, select_impl

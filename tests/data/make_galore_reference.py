@@ -8,7 +8,6 @@ for t = 1, 2, 3, where mat(m,n,s)[i,j] = float32(sin(0.37(i*n+j)+s) *
 (1 + (i*n+j) mod 5) / 3). Shapes are in torch layout (out, in).
 """
 import json
-import math
 import pathlib
 import platform
 

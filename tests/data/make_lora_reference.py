@@ -10,7 +10,6 @@ to Flax layout.
 """
 
 import json
-import math
 import pathlib
 
 import numpy as np

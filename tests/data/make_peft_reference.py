@@ -97,7 +97,6 @@ def _hf_state_dict(params) -> dict[str, np.ndarray]:
 
 
 def _write_base(directory: pathlib.Path, model) -> None:
-  from safetensors.numpy import save_file
   c = model.config
   hf_config = {
       "architectures": ["LlamaForCausalLM"], "model_type": "llama",
