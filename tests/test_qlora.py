@@ -96,3 +96,33 @@ def test_apply_qlora_seed_api():
     pj.QLoRAConfig(bits=8)
   loftq = pj.apply_qlora(params, config.replace(init="loftq", alpha=4.0), key=jax.random.key(1))
   assert len(quant.quantized_paths(loftq)) == 14
+
+
+@pytest.mark.parametrize("platform, lowering, marker", [
+    ("gpu", "cuda", "@__gpu$xla.gpu.triton"), ("tpu", "tpu", "@tpu_custom_call")])
+def test_qlora_train_step_lowers_for_gpu_and_tpu(platform, lowering, marker):
+  model_config = LlamaConfig.tiny(hidden_size=128, intermediate_size=256, scan_layers=True)
+  model = LlamaForCausalLM(model_config)
+  ids = jnp.zeros((2, 16), jnp.int32)
+  params = init_params(model_config, jax.random.key(0))
+  config = pj.QLoRAConfig(rank=4, alpha=8.0, target_modules=("q_proj", "v_proj"),
+                          compute_dtype="bfloat16")
+  adapted = pj.apply_qlora(params, config, key=jax.random.key(1),
+                           layouts=pj.kernel_layouts(model, ids))
+  adapters, base = pj.split(adapted)
+  optimizer = optax.adamw(1e-3)
+
+  def step(adapters, opt_state, base, ids):
+    def loss(adapters):
+      with pj.intercept(config, quant_impl="pallas", quant_platform=platform):
+        logits = model.apply({"params": pj.combine(base, adapters)}, ids)
+      return jnp.mean(logits)
+    grads = jax.grad(loss)(adapters)
+    updates, opt_state = optimizer.update(grads, opt_state, adapters)
+    return optax.apply_updates(adapters, updates), opt_state
+
+  lowered = jax.jit(step).trace(adapters, optimizer.init(adapters), base, ids).lower(
+      lowering_platforms=(lowering,))
+  # Quantized projections whose shapes tile run the Pallas kernel, forward and transposed
+  # (backward); the others fall back to the XLA path. GPU tiles 8 here, TPU's 128-lane tiles 2.
+  assert lowered.as_text().count(marker) >= 2

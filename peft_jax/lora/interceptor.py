@@ -88,10 +88,11 @@ class _Interceptor:
   """Callable for ``nn.intercept_methods`` (see module docstring)."""
 
   def __init__(self, config: LoRAConfig | None, deterministic: bool | None,
-               quantized_matmul=None):
+               quant_impl: str | None = None, quant_platform: str | None = None):
     self.config = config
     self.deterministic = deterministic
-    self.quantized_matmul = quantized_matmul
+    self.quant_impl = quant_impl
+    self.quant_platform = quant_platform
 
   def __call__(self, next_fun, args, kwargs, context):
     module = context.module
@@ -113,7 +114,8 @@ class _Interceptor:
     # A quantized kernel cannot pass through the module's own __call__ (which
     # checks the stored shape against its initializer), so the product is ours.
     from peft_jax.quant import interop  # pylint: disable=import-outside-toplevel
-    return interop.quantized_module_call(module, args, kwargs)
+    return interop.quantized_module_call(module, args, kwargs, impl=self.quant_impl,
+                                         platform=self.quant_platform)
 
   def _is_deterministic(self, module) -> bool:
     if self.deterministic is not None:
@@ -205,7 +207,8 @@ class _Interceptor:
 
 
 @contextlib.contextmanager
-def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = None) -> Iterator[None]:
+def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = None,
+              quant_impl: str | None = None, quant_platform: str | None = None) -> Iterator[None]:
   """Runs Flax modules with their adapters (and quantized kernels).
 
   Args:
@@ -214,13 +217,17 @@ def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = 
     deterministic: ``True`` turns adapter dropout off, ``False`` forces it on
       (a ``'dropout'`` rng is then required); ``None`` applies dropout exactly
       when a ``'dropout'`` rng is passed to ``apply``.
+    quant_impl: for quantized kernels, the :func:`peft_jax.quant.nf4_matmul`
+      implementation (``None`` chooses by backend: Pallas on GPU/TPU, XLA on CPU).
+    quant_platform: ``"gpu"`` or ``"tpu"``: the Pallas target, e.g. to lower
+      for an accelerator from a CPU host; default the JAX default backend.
 
   Example::
 
     with peft_jax.intercept(config):
       logits = model.apply({"params": params}, tokens, rngs={"dropout": key})
   """
-  with nn.intercept_methods(_Interceptor(config, deterministic)):
+  with nn.intercept_methods(_Interceptor(config, deterministic, quant_impl, quant_platform)):
     yield
 
 

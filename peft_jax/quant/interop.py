@@ -24,14 +24,18 @@ def _module_dtype(module: nn.Module, x, kernel):
   return jnp.result_type(x.dtype, kernel.dtype)
 
 
-def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]):
-  """The output of ``module(*args, **kwargs)`` with its quantized kernel."""
+def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, Any], *,
+                          impl: str | None = None, platform: str | None = None):
+  """The output of ``module(*args, **kwargs)`` with its quantized kernel.
+
+  ``impl`` and ``platform`` go to :func:`nf4_matmul`.
+  """
   kernel = module.get_variable("params", "kernel")
   x = args[0] if args else kwargs["inputs"]
   dtype = _module_dtype(module, x, kernel)
   x = x.astype(dtype)
   if isinstance(module, nn.Dense):
-    y = nf4_matmul(x, kernel)
+    y = nf4_matmul(x, kernel, impl=impl, platform=platform)
   elif isinstance(module, nn.DenseGeneral):
     if module.batch_dims:
       raise ValueError("Quantized DenseGeneral with batch_dims is not supported.")
@@ -39,7 +43,7 @@ def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, A
     axis = tuple(a % x.ndim for a in axis)
     if axis != tuple(range(x.ndim - len(axis), x.ndim)):
       x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
-    y = nf4_matmul(x, kernel)
+    y = nf4_matmul(x, kernel, impl=impl, platform=platform)
   elif isinstance(module, nn.Einsum):
     from peft_jax.lora.layout import parse_einsum  # pylint: disable=import-outside-toplevel
     einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
