@@ -26,7 +26,7 @@ import jax.numpy as jnp
 
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
-from peft_jax.lora.transform import is_quantized, weight_norm
+from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
@@ -172,7 +172,6 @@ class _Interceptor:
     if magnitude is None:
       return base_out + (scale * lora).astype(base_out.dtype)
 
-    from peft_jax.lora.transform import delta_kernel, kernel_value  # pylint: disable=import-outside-toplevel
     w0 = kernel_value(kernel, jnp.float32)
     adapted = w0 + scale * delta_kernel(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
     norm = jax.lax.stop_gradient(weight_norm(adapted, layout))

@@ -71,9 +71,8 @@ class KernelLayout:
 RANK_LETTER = "z"  # never among the kernel letters (kernels have < 25 axes)
 
 
-def default_layout(kernel_shape, leaf_name: str = "kernel") -> KernelLayout | None:
+def default_layout(kernel_shape) -> KernelLayout | None:
   """The layout of a 2-D kernel or embedding; None when ambiguous (ndim > 2)."""
-  del leaf_name
   if len(kernel_shape) == 2:
     return KernelLayout(in_axes=(0,), out_axes=(1,))
   return None
@@ -107,10 +106,9 @@ def check_adapter_shapes(path: str, kernel_shape, a_shape, b_shape,
   return int(rank)
 
 
-def _dense_general_layout(module: nn.DenseGeneral, x_ndim: int) -> KernelLayout:
+def _dense_general_layout(module: nn.DenseGeneral) -> KernelLayout:
   axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
   features = module.features if isinstance(module.features, tuple | list) else (module.features,)
-  del x_ndim
   return KernelLayout(tuple(range(len(axis))),
                       tuple(range(len(axis), len(axis) + len(features))))
 
@@ -155,8 +153,7 @@ def module_layout(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> 
   if isinstance(module, nn.Embed):
     return KernelLayout((0,), (1,))
   if isinstance(module, nn.DenseGeneral):
-    x = args[0] if args else kwargs["inputs"]
-    return _dense_general_layout(module, x.ndim)
+    return _dense_general_layout(module)
   if isinstance(module, nn.Einsum):
     einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
     return einsum_layout(einsum_str)

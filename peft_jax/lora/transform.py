@@ -12,7 +12,7 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora.config import LoRAConfig
-from peft_jax.lora.layout import KernelLayout, default_layout, kernel_layouts  # noqa: F401
+from peft_jax.lora.layout import KernelLayout, default_layout
 
 Params = Mapping[str, Any]
 
@@ -134,7 +134,7 @@ def _rewrite_init(kernel, layout, rank, scale, init, key, is_embedding, path):
 
 
 def _resolve_layout(path, leaf_name, kernel, layouts) -> KernelLayout:
-  layout = (layouts or {}).get(path) or default_layout(kernel.shape, leaf_name)
+  layout = (layouts or {}).get(path) or default_layout(kernel.shape)
   if layout is None:
     raise ValueError(
         f"The {leaf_name} at {path!r} has shape {tuple(kernel.shape)}: which axes are "
