@@ -20,11 +20,10 @@ example a quantized base with ``NF4Array`` leaves) in the same format.
 
 from __future__ import annotations
 
-import dataclasses
 import difflib
-import importlib
 import os
 import re
+import shutil
 from collections.abc import Mapping
 from typing import Any
 
@@ -34,81 +33,19 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from peft_jax import targeting
+from peft_jax.checkpoint import files
+from peft_jax.checkpoint import leaves as leaves_lib
+from peft_jax.checkpoint import untrusted as ut
 from peft_jax.lora import layout as layout_lib
-from peft_jax.lora.config import LoRAConfig, config_from_dict
-from peft_jax.lora.transform import is_quantized
-from peft_jax.lora.tree import is_adapter_path
+from peft_jax.lora.config import LoRAConfig, config_from_file
+from peft_jax.lora.tree import adapter_modules, is_adapter_path
 
-CHECKPOINT_FORMAT_VERSION = 1
+# 2: the manifest lists every array with its CRC-32; quantized leaves by type tag.
+CHECKPOINT_FORMAT_VERSION = 2
 
 _ITEMS = ("adapters", "config", "manifest")
 _STEP_NAME = re.compile(r"\d+")
-# Quantized leaves are rebuilt by class name; only our own classes are trusted.
-_TRUSTED_MODULE_PREFIX = "peft_jax."
-
-
-# -- tree encoding ----------------------------------------------------------------
-def _encode_static(value: Any) -> Any:
-  """JSON form of a quantized array's static field (tuples, dtypes, None)."""
-  if isinstance(value, tuple):
-    return {"tuple": [_encode_static(v) for v in value]}
-  if isinstance(value, (np.dtype, type)):
-    return {"dtype": jnp.dtype(value).name}
-  if value is None or isinstance(value, (bool, int, float, str)):
-    return value
-  raise TypeError(f"Cannot store static field value {value!r} of type {type(value).__name__}.")
-
-
-def _decode_static(value: Any) -> Any:
-  if isinstance(value, dict) and set(value) == {"tuple"}:
-    return tuple(_decode_static(v) for v in value["tuple"])
-  if isinstance(value, dict) and set(value) == {"dtype"}:
-    return np.dtype(jnp.dtype(value["dtype"]))
-  return value
-
-
-def _encode_tree(tree: Mapping[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
-  """Plain nested dict of arrays + JSON description of the quantized leaves."""
-  flat = targeting.flatten(tree)
-  arrays, quantized = {}, {}
-  for path, leaf in flat.items():
-    if is_quantized(leaf) and dataclasses.is_dataclass(leaf):
-      cls = type(leaf)
-      array_fields, static_fields = {}, {}
-      for field in dataclasses.fields(leaf):
-        value = getattr(leaf, field.name)
-        if isinstance(value, (jax.Array, np.ndarray)):
-          arrays[f"{path}/{field.name}"] = jnp.asarray(value)
-          array_fields[field.name] = True
-        elif value is None:
-          static_fields[field.name] = None
-        else:
-          static_fields[field.name] = _encode_static(value)
-      quantized[path] = {"class": f"{cls.__module__}.{cls.__qualname__}",
-                         "arrays": sorted(array_fields), "static": static_fields}
-    elif isinstance(leaf, (jax.Array, np.ndarray, np.generic)):
-      arrays[path] = jnp.asarray(leaf)
-    else:
-      raise TypeError(f"Leaf {path!r} of type {type(leaf).__name__} is not an array.")
-  return targeting.unflatten(arrays), quantized
-
-
-def _quantized_class(name: str) -> type:
-  module_name, _, qualname = name.rpartition(".")
-  if not module_name.startswith(_TRUSTED_MODULE_PREFIX):
-    raise ValueError(f"Refusing to rebuild a leaf of class {name!r}: not a peft_jax class.")
-  return getattr(importlib.import_module(module_name), qualname)
-
-
-def _decode_tree(arrays: Mapping[str, Any], quantized: Mapping[str, Any]) -> dict[str, Any]:
-  flat = targeting.flatten(arrays)
-  for path, spec in quantized.items():
-    cls = _quantized_class(spec["class"])
-    fields = {name: _decode_static(v) for name, v in spec["static"].items()}
-    for name in spec["arrays"]:
-      fields[name] = flat.pop(f"{path}/{name}")
-    flat[path] = cls(**fields)
-  return targeting.unflatten(flat)
+_KINDS = ("adapters", "params")
 
 
 # -- validation -------------------------------------------------------------------
@@ -187,13 +124,30 @@ def _only_adapters(tree: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
   return targeting.unflatten(kept), wrapped
 
 
+def _file_config(config: LoRAConfig, tree: Mapping[str, Any]) -> dict[str, Any]:
+  """``config.to_dict()`` with regex pattern keys resolved to the exact module names.
+
+  Files hold only literal module names (what PEFT writes too), so reading a
+  checkpoint never compiles a regular expression from it.
+  """
+  d = config.to_dict()
+  modules = sorted(adapter_modules(tree))
+  for name, value_for, default in (("rank_pattern", config.rank_for, config.rank),
+                                   ("alpha_pattern", config.alpha_for, config.alpha)):
+    pattern = d[name]
+    if all(ut.literal_name(k) is not None for k in pattern):
+      continue
+    d[name] = {re.escape(m): value_for(m) for m in modules if value_for(m) != default}
+  return d
+
+
 def _composite_save_args(tree, config: LoRAConfig | None, kind: str, wrapped: bool):
-  arrays, quantized = _encode_tree(tree)
+  arrays, specs, quantized = leaves_lib.encode_tree(tree)
   manifest = {"format_version": CHECKPOINT_FORMAT_VERSION, "kind": kind,
-              "wrapped": wrapped, "quantized": quantized}
+              "wrapped": wrapped, "arrays": specs, "quantized": quantized}
   items = {"adapters": ocp.args.StandardSave(arrays), "manifest": ocp.args.JsonSave(manifest)}
   if config is not None:
-    items["config"] = ocp.args.JsonSave(config.to_dict())
+    items["config"] = ocp.args.JsonSave(_file_config(config, tree))
   return ocp.args.Composite(**items)
 
 
@@ -205,6 +159,18 @@ def _is_checkpoint(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "manifest"))
 
 
+def _is_ours(path: str) -> bool:
+  """A finished single checkpoint whose manifest peft_jax wrote."""
+  manifest = os.path.join(path, "manifest", "metadata")
+  if not os.path.isfile(os.path.join(path, "_CHECKPOINT_METADATA")) or not os.path.isfile(manifest):
+    return False
+  try:
+    content = ut.read_json(manifest)
+  except ValueError:
+    return False
+  return isinstance(content, dict) and content.get("kind") in _KINDS
+
+
 def finished_steps(directory: str | os.PathLike) -> list[int]:
   """Steps under ``directory`` whose save completed (unfinished ones are skipped)."""
   directory = os.fspath(directory)
@@ -214,10 +180,16 @@ def finished_steps(directory: str | os.PathLike) -> list[int]:
                 if _STEP_NAME.fullmatch(n) and _is_checkpoint(os.path.join(directory, n)))
 
 
+def _step(step: Any) -> int:
+  if isinstance(step, bool) or not isinstance(step, (int, np.integer)) or step < 0:
+    raise ValueError(f"step must be a non-negative integer, got {ut.show(step)}.")
+  return int(step)
+
+
 def _resolve(directory: str | os.PathLike, step: int | None) -> str:
   directory = os.path.abspath(os.fspath(directory))
   if step is not None:
-    path = os.path.join(directory, str(step))
+    path = os.path.join(directory, str(_step(step)))
     if not _is_checkpoint(path):
       raise FileNotFoundError(f"No finished checkpoint for step {step} in {directory} "
                               f"(finished steps: {finished_steps(directory)}).")
@@ -230,34 +202,84 @@ def _resolve(directory: str | os.PathLike, step: int | None) -> str:
   return os.path.join(directory, str(steps[-1]))
 
 
-def _check_manifest(manifest: Mapping[str, Any], path: str, kind: str) -> None:
-  version = manifest.get("format_version", CHECKPOINT_FORMAT_VERSION)
+def _check_manifest(manifest: Any, path: str, kind: str) -> int:
+  file = os.path.join(path, "manifest")
+  manifest = ut.require_dict(file, "manifest", manifest)
+  version = ut.require_int(file, "format_version",
+                           manifest.get("format_version", 1), low=1)
   if version > CHECKPOINT_FORMAT_VERSION:
     raise ValueError(
         f"Checkpoint {path} has format version {version}, newer than this peft_jax "
         f"reads ({CHECKPOINT_FORMAT_VERSION}); upgrade peft_jax to restore it.")
   if manifest.get("kind") != kind:
-    raise ValueError(f"Checkpoint {path} holds {manifest.get('kind')!r}, not {kind!r}.")
+    raise ValueError(f"Checkpoint {path} holds {ut.show(manifest.get('kind'))}, not {kind!r}.")
+  ut.require_bool(file, "wrapped", manifest.get("wrapped", False))
+  return version
+
+
+def _restore_item(checkpointer, path: str, name: str, args) -> Any:
+  """One item of the composite; any failure to read it names the item's folder."""
+  try:
+    return checkpointer.restore(path, args=ocp.args.Composite(**{name: args}))[name]
+  except (KeyboardInterrupt, MemoryError):
+    raise
+  except Exception as error:  # pylint: disable=broad-except  # untrusted bytes
+    raise ut.FileFormatError(f"{os.path.join(path, name)}: cannot read this checkpoint "
+                             f"item: {type(error).__name__}: {ut.show(str(error), 300)}"
+                             ) from None
 
 
 def _read(path: str, kind: str, with_config: bool):
+  """Reads a checkpoint without calling anything it names, verifying every array."""
   checkpointer = _checkpointer()
-  manifest = checkpointer.restore(
-      path, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
-  _check_manifest(manifest, path, kind)
-  config_dict = None
+  manifest = _restore_item(checkpointer, path, "manifest", ocp.args.JsonRestore())
+  version = _check_manifest(manifest, path, kind)
+  config = None
   if with_config:
-    config_dict = checkpointer.restore(
-        path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
-    # Refuse a newer config before reading any array.
-    config = config_from_dict(config_dict)
-  arrays = checkpointer.restore(
-      path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore()))["adapters"]
-  tree = _decode_tree(arrays, manifest.get("quantized", {}))
+    # Refuse a newer or malformed config before reading any array.
+    config = config_from_file(
+        _restore_item(checkpointer, path, "config", ocp.args.JsonRestore()),
+        os.path.join(path, "config"))
+  file = os.path.join(path, "adapters")
+  if version >= 2:
+    specs = leaves_lib.array_specs(os.path.join(path, "manifest"), manifest.get("arrays"))
+    try:
+      target = targeting.unflatten({p: jax.ShapeDtypeStruct(shape, dtype)
+                                    for p, (shape, dtype, _) in specs.items()})
+    except (ValueError, TypeError, KeyError) as error:
+      raise ut.FileFormatError(f"{path}/manifest: the array paths clash: {error}") from None
+    arrays = _restore_item(checkpointer, path, "adapters", ocp.args.StandardRestore(target))
+    flat = targeting.flatten(arrays)
+    leaves_lib.verify(file, flat, specs)
+  else:  # version 1 stored no checksums
+    flat = targeting.flatten(_restore_item(checkpointer, path, "adapters",
+                                           ocp.args.StandardRestore()))
+  tree = leaves_lib.decode_tree(os.path.join(path, "manifest"), flat,
+                                manifest.get("quantized", {}))
   tree = jax.tree.map(jnp.asarray, tree)
   if manifest.get("wrapped"):
     tree = {"params": tree}
-  return tree, (config if with_config else None)
+  return tree, config
+
+
+def _write(path: str, args, overwrite: bool, what: str) -> str:
+  """Writes a composite at ``path``; an existing checkpoint is swapped out only when whole."""
+  if os.path.lexists(path) and not overwrite:
+    raise FileExistsError(f"{path} exists; pass overwrite=True or save under a new step.")
+  files.check_replaceable(path, _is_ours, what)
+  files.remove_stale_temps(path)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  if not os.path.lexists(path):
+    _checkpointer().save(path, args=args)  # Orbax renames its temporary folder at the end
+    return path
+  new = files.temp_sibling(path)
+  try:
+    _checkpointer().save(new, args=args)
+    files.replace_dir(new, path)
+  finally:
+    if os.path.lexists(new):
+      shutil.rmtree(new, ignore_errors=True)
+  return path
 
 
 def save(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRAConfig,
@@ -273,24 +295,25 @@ def save(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRA
     adapters: adapter tree from :func:`peft_jax.split` (or full params).
     config: the config the adapters were made with.
     step: training step; the checkpoint goes to ``directory/<step>``.
-    overwrite: replace an existing checkpoint at the same place. Replacing is
-      not crash-safe; keep steps for that.
+    overwrite: replace an existing peft_jax checkpoint at the same place (an
+      empty folder is fine; anything else is refused). The new checkpoint is
+      written beside the old one and swapped in when complete, so a crash
+      leaves one whole checkpoint there.
 
   Returns:
     The absolute path of the written checkpoint.
 
   Raises:
-    FileExistsError: a checkpoint is already there and ``overwrite`` is False.
+    FileExistsError: something is already there and ``overwrite`` is False, or
+      it is not a peft_jax checkpoint.
   """
+  if not isinstance(config, LoRAConfig):
+    raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}.")
   tree, wrapped = _only_adapters(adapters)
   directory = os.path.abspath(os.fspath(directory))
-  path = directory if step is None else os.path.join(directory, str(int(step)))
-  if os.path.exists(path) and not overwrite:
-    raise FileExistsError(f"{path} exists; pass overwrite=True or save under a new step.")
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  _checkpointer().save(path, args=_composite_save_args(tree, config, "adapters", wrapped),
-                       force=overwrite)
-  return path
+  path = directory if step is None else os.path.join(directory, str(_step(step)))
+  return _write(path, _composite_save_args(tree, config, "adapters", wrapped), overwrite,
+                "peft_jax checkpoint")
 
 
 def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None = None, *,
@@ -328,15 +351,13 @@ def save_params(directory: str | os.PathLike, params: Mapping[str, Any], *,
 
   For a base you quantized once and want to reload without quantizing again.
   Adapter checkpoints should use :func:`save`, which never writes the base.
+  ``overwrite`` replaces only a peft_jax checkpoint (or an empty folder), and
+  only once the new one is complete, as :func:`save` does.
   """
   inner, wrapped = targeting.unwrap_params(params)
   directory = os.path.abspath(os.fspath(directory))
-  if os.path.exists(directory) and not overwrite:
-    raise FileExistsError(f"{directory} exists; pass overwrite=True.")
-  os.makedirs(os.path.dirname(directory), exist_ok=True)
-  _checkpointer().save(directory, args=_composite_save_args(inner, None, "params", wrapped),
-                       force=overwrite)
-  return directory
+  return _write(directory, _composite_save_args(inner, None, "params", wrapped), overwrite,
+                "peft_jax params checkpoint")
 
 
 def restore_params(directory: str | os.PathLike) -> dict[str, Any]:
@@ -355,7 +376,10 @@ class AdapterCheckpointManager:
   Keeps the last ``max_to_keep`` steps, saves only every
   ``save_interval_steps``, and writes in the background (Orbax async
   checkpointing) so training continues while arrays go to disk. An optimizer
-  state can ride along.
+  state can ride along. One manager writes a directory at a time: it holds a
+  lock file (``.peft_jax.lock``, with its pid and host) until :meth:`close`;
+  a second manager on the same directory is refused, and a lock left by a
+  dead process on this host is taken over.
 
   Example::
 
@@ -370,18 +394,42 @@ class AdapterCheckpointManager:
   def __init__(self, directory: str | os.PathLike, config: LoRAConfig, *,
                max_to_keep: int | None = 3, save_interval_steps: int = 1,
                async_save: bool = True):
+    if not isinstance(config, LoRAConfig):
+      raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}.")
+    if max_to_keep is not None and (isinstance(max_to_keep, bool)
+                                    or not isinstance(max_to_keep, int) or max_to_keep < 1):
+      raise ValueError(f"max_to_keep must be a positive integer or None (keep all), got "
+                       f"{max_to_keep!r}.")
+    if (isinstance(save_interval_steps, bool) or not isinstance(save_interval_steps, int)
+        or save_interval_steps < 1):
+      raise ValueError(f"save_interval_steps must be a positive integer, got "
+                       f"{save_interval_steps!r}.")
+    if not isinstance(async_save, bool):
+      raise TypeError(f"async_save must be a bool, got {async_save!r}.")
     self.directory = os.path.abspath(os.fspath(directory))
+    if os.path.lexists(self.directory) and not os.path.isdir(self.directory):
+      raise FileExistsError(f"{self.directory} exists and is not a folder.")
+    if _is_checkpoint(self.directory):
+      raise FileExistsError(f"{self.directory} is a single checkpoint, not a run folder of "
+                            "steps; give the manager its own folder.")
     self.config = config
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
-        enable_async_checkpointing=async_save, create=True)
-    self._manager = ocp.CheckpointManager(
-        self.directory, options=options, item_names=_ITEMS + ("opt_state",))
+    os.makedirs(self.directory, exist_ok=True)
+    self._lock = files.WriterLock(self.directory)
+    try:
+      options = ocp.CheckpointManagerOptions(
+          max_to_keep=max_to_keep, save_interval_steps=save_interval_steps,
+          enable_async_checkpointing=async_save, create=True)
+      self._manager = ocp.CheckpointManager(
+          self.directory, options=options, item_names=_ITEMS + ("opt_state",))
+    except BaseException:
+      self._lock.release()
+      raise
 
   def save(self, step: int, adapters: Mapping[str, Any], *, opt_state: Any = None,
            force: bool = False) -> bool:
     """Saves when ``step`` is due (or ``force``); returns whether it saved."""
     tree, wrapped = _only_adapters(adapters)
+    step = _step(step)
     args = dict(_composite_save_args(tree, self.config, "adapters", wrapped).items())
     if opt_state is not None:
       args["opt_state"] = ocp.args.StandardSave(opt_state)
@@ -412,7 +460,11 @@ class AdapterCheckpointManager:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.close()
+    """Finishes background saves and releases the directory's writer lock."""
+    try:
+      self._manager.close()
+    finally:
+      self._lock.release()
 
   def __enter__(self) -> "AdapterCheckpointManager":
     return self

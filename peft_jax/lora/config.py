@@ -177,3 +177,42 @@ def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
   if name not in classes:
     raise ValueError(f"Unknown config class {name!r} in saved config.")
   return classes[name].from_dict(d)
+
+
+def config_from_file(d: object, file: object) -> LoRAConfig:
+  """:func:`config_from_dict` for a dict read from ``file``: one readable error per problem.
+
+  Fields must have the JSON type of their default (a bool stays a bool, a
+  name list holds strings), and ``rank_pattern``/``alpha_pattern`` keys are
+  exact module names (or ``/``-suffixes), never regular expressions: a file
+  cannot stall a load with a pathological pattern.
+
+  Raises:
+    ValueError: naming ``file``, the field and the value.
+  """
+  # pylint: disable=import-outside-toplevel
+  from peft_jax.checkpoint import untrusted as ut
+  d = ut.require_dict(file, "config", d)
+  for name in ("rank_pattern", "alpha_pattern"):
+    if name in d:
+      d[name] = ut.literal_patterns(file, name, d[name])
+  version = d.get("format_version", CONFIG_FORMAT_VERSION)
+  ut.require_int(file, "format_version", version, low=1)
+  ut.require_str(file, "config_class", d.get("config_class", "LoRAConfig"))
+  defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+  for name, value in d.items():
+    default = defaults.get(name, dataclasses.MISSING)
+    if isinstance(default, bool):
+      ut.require_bool(file, name, value)
+    elif isinstance(default, (int, float)) and not isinstance(value, bool):
+      ut.require_number(file, name, value)
+    elif isinstance(default, (int, float)):
+      raise ut.malformed(file, name, value, "expected a number")
+    if isinstance(value, list) and not all(isinstance(v, (str, int)) for v in value):
+      raise ut.malformed(file, name, value, "expected a list of names or indices")
+    if isinstance(value, str) and len(value) > ut.MAX_NAME_CHARS:
+      raise ut.malformed(file, name, value, "too long")
+  try:
+    return config_from_dict(d)
+  except (TypeError, ValueError, KeyError, OverflowError, re.error) as error:
+    raise ut.FileFormatError(f"{file}: invalid config: {error}") from None
