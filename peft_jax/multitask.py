@@ -33,6 +33,7 @@ import jax.numpy as jnp
 from peft_jax import targeting
 from peft_jax.lora.tree import adapter_modules
 from peft_jax.checkpoint import orbax as checkpoint_lib
+from peft_jax.checkpoint.untrusted import check_name
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.layout import KernelLayout
@@ -52,14 +53,14 @@ class TaskAdapter(NamedTuple):
 def save_named(directory: str | os.PathLike, name: str, adapters: Mapping[str, Any],
                config: LoRAConfig, **kwargs) -> str:
   """Saves one task's adapters alone to ``directory/name`` (:func:`peft_jax.checkpoint.save`)."""
-  _check_name(name)
+  check_name(name)
   return checkpoint_lib.save(os.path.join(os.fspath(directory), name), adapters, config, **kwargs)
 
 
 def load_named(directory: str | os.PathLike, name: str,
                base_params: Mapping[str, Any] | None = None) -> TaskAdapter:
   """Loads one task's adapters, checked against ``base_params`` when given."""
-  _check_name(name)
+  check_name(name)
   adapters, config = checkpoint_lib.restore(os.path.join(os.fspath(directory), name), base_params)
   return TaskAdapter(adapters, config)
 
@@ -72,11 +73,6 @@ def saved_names(directory: str | os.PathLike) -> list[str]:
   return sorted(n for n in os.listdir(directory)
                 if os.path.isdir(os.path.join(directory, n, "manifest"))
                 or checkpoint_lib.finished_steps(os.path.join(directory, n)))
-
-
-def _check_name(name: str) -> None:
-  if not name or os.sep in name or name.startswith("."):
-    raise ValueError(f"Adapter name {name!r} must be a plain folder name.")
 
 
 def with_adapter(base_params: Mapping[str, Any], library: Mapping[str, TaskAdapter],

@@ -6,6 +6,7 @@ from peft_jax.checkpoint.orbax import (
     adapter_mismatches,
     check_adapters_fit,
     finished_steps,
+    is_peft_jax_checkpoint,
     load_lora_state_dict,
     restore,
     restore_params,
@@ -16,6 +17,7 @@ from peft_jax.checkpoint.orbax import (
 
 __all__ = [
     "AdapterCheckpointManager", "PathMap", "adapter_mismatches", "check_adapters_fit",
-    "export_peft", "finished_steps", "hf_path_map", "import_peft", "load_lora_state_dict",
+    "export_peft", "finished_steps", "hf_path_map", "import_peft", "is_peft_jax_checkpoint",
+    "load_lora_state_dict",
     "restore", "restore_params", "save", "save_lora_state_dict", "save_params",
 ]

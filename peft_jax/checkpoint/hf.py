@@ -39,6 +39,8 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from peft_jax import targeting
+from peft_jax.checkpoint import orbax as orbax_lib
+from peft_jax.checkpoint import untrusted as ut
 from peft_jax.lora.tree import adapter_modules
 from peft_jax.lora.config import LoRAConfig
 
@@ -255,20 +257,71 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       base_model_name_or_path=base_model_name_or_path, task_type=task_type)
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
-  save_file(tensors, os.path.join(directory, WEIGHTS_NAME), metadata={"format": "pt"})
-  with open(os.path.join(directory, CONFIG_NAME), "w", encoding="utf-8") as f:
+  # Each file is written whole under a temporary name, then renamed over the old one.
+  weights = os.path.join(directory, WEIGHTS_NAME)
+  save_file(tensors, weights + ".tmp", metadata={"format": "pt"})
+  config_file = os.path.join(directory, CONFIG_NAME)
+  with open(config_file + ".tmp", "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2, sort_keys=True)
     f.write("\n")
+  os.replace(weights + ".tmp", weights)
+  os.replace(config_file + ".tmp", config_file)
   return hf_config
 
 
 # -- import -----------------------------------------------------------------------
 def _hf_pattern_value(pattern: Mapping[str, Any], hf_name: str, default: Any) -> Any:
-  """PEFT's ``get_pattern_key`` rule: ``re.match(rf"(.*\\.)?({key})$", name)``."""
-  for key, value in (pattern or {}).items():
-    if re.match(rf"(.*\.)?({key})$", hf_name):
+  """PEFT's ``get_pattern_key`` rule for the module names PEFT writes as keys.
+
+  A key read from a file is the exact module name or a ``.``-suffix of it
+  (``q_proj``, ``model.layers.0.self_attn.q_proj``); it is never compiled as
+  a regular expression (see :func:`untrusted.literal_patterns`).
+  """
+  for key, value in pattern.items():
+    name = ut.literal_name(key)
+    if hf_name == name or hf_name.endswith("." + name):
       return value
   return default
+
+
+def _read_config(config_path: str) -> dict[str, Any]:
+  """``adapter_config.json``, its fields type-checked (errors name file, field, value)."""
+  hf_config = ut.require_dict(config_path, "(top level)", ut.read_json(config_path, "JSON"))
+  ut.require_str(config_path, "peft_type", hf_config.get("peft_type", "LORA"))
+  ut.require_int(config_path, "r", hf_config.get("r", 8), low=1, high=2**20)
+  ut.require_number(config_path, "lora_alpha", hf_config.get("lora_alpha", 8), positive=True)
+  dropout = ut.require_number(config_path, "lora_dropout", hf_config.get("lora_dropout", 0.0))
+  if not 0.0 <= dropout < 1.0:
+    raise ut.malformed(config_path, "lora_dropout", dropout, "expected a rate in [0, 1)")
+  for name in ("use_rslora", "use_dora"):
+    ut.require_bool(config_path, name, hf_config.get(name, False))
+  alpha_pattern = ut.literal_patterns(config_path, "alpha_pattern",
+                                      hf_config.get("alpha_pattern") or {})
+  for key, value in alpha_pattern.items():
+    ut.require_number(config_path, f"alpha_pattern[{ut.show(key, 60)}]", value, positive=True)
+  hf_config["alpha_pattern"] = alpha_pattern
+  targets = hf_config.get("target_modules")
+  if targets is not None and not isinstance(targets, str) and not (
+      isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+    raise ut.malformed(config_path, "target_modules", targets,
+                       "expected a list of module names or a string")
+  return hf_config
+
+
+def _read_weights(weights_path: str) -> dict[str, np.ndarray]:
+  try:
+    tensors = load_file(weights_path)
+  except Exception as error:  # pylint: disable=broad-except  # SafetensorError, OSError...
+    raise ut.FileFormatError(f"{weights_path}: not a readable safetensors file: "
+                             f"{type(error).__name__}: {ut.show(str(error), 200)}") from None
+  for key, value in tensors.items():
+    if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
+      raise ut.malformed(weights_path, key, value.dtype.name, "LoRA weights must be floats")
+    if not key.endswith(".base_layer.weight"):
+      want = 1 if key.endswith(".lora_magnitude_vector") else 2
+      if value.ndim != want:
+        raise ut.malformed(weights_path, key, value.shape, f"expected a {want}-D tensor")
+  return tensors
 
 
 def _parse_key(key: str) -> tuple[str, str | None, str] | None:
@@ -296,7 +349,7 @@ def _stack_layers(per_layer: Mapping[str, dict[str, np.ndarray]], prefix: str,
     num_layers = 1 + max((i for layers in groups.values() for i in layers), default=-1)
   for path, layers in groups.items():
     indices = sorted(layers)
-    if indices != list(range(num_layers)):
+    if len(indices) != num_layers or indices != list(range(num_layers)):
       raise ValueError(
           f"Cannot stack {path!r}: the file adapts layers {indices}, but a scanned model "
           f"of {num_layers} layers needs the module adapted in every layer. Import unrolled "
@@ -310,7 +363,9 @@ def _stack_layers(per_layer: Mapping[str, dict[str, np.ndarray]], prefix: str,
 
 
 def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None,
-                scanned: bool = False, num_layers: int | None = None, dtype: Any = None
+                scanned: bool = False, num_layers: int | None = None, dtype: Any = None,
+                base_params: Mapping[str, Any] | None = None,
+                layouts: Mapping[str, Any] | None = None
                 ) -> tuple[dict[str, Any], LoRAConfig]:
   """Reads a Hugging Face PEFT LoRA/DoRA directory into our adapter leaves.
 
@@ -322,6 +377,10 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     num_layers: with ``scanned``, the model's layer count (default: the
       highest layer index in the file, plus one).
     dtype: cast the leaves (default: as stored).
+    base_params: when given, every imported adapter is checked against it
+      (the module exists, its kernel shape fits, scanned vs unrolled layers)
+      and all misfits are listed in one error.
+    layouts: kernel layouts for interleaved ``nn.Einsum`` kernels.
 
   Returns:
     ``(adapters, config)``: a nested dict to :func:`peft_jax.combine` with
@@ -332,7 +391,9 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     FileNotFoundError: the files are missing (``.bin`` pickles are not read).
     ValueError: a non-LoRA PEFT type, features that change the computation
       and that this library does not implement (``modules_to_save``, LoRA
-      biases, ...), keys that are not LoRA weights, or unstackable layers.
+      biases, ...), keys that are not LoRA weights, unstackable layers, a
+      malformed file (naming the file, field and value), or adapters that do
+      not fit ``base_params``.
   """
   directory = os.fspath(directory)
   path_map = path_map or hf_path_map()
@@ -343,8 +404,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       raise FileNotFoundError(
           f"{path} not found (only the safetensors format is read; convert .bin files "
           "with peft first).")
-  with open(config_path, encoding="utf-8") as f:
-    hf_config = json.load(f)
+  hf_config = _read_config(config_path)
   if hf_config.get("peft_type", "LORA") != "LORA":
     raise ValueError(f"peft_type {hf_config.get('peft_type')!r} is not LORA.")
   unsupported = {k: hf_config[k] for k in _UNSUPPORTED_ON_IMPORT
@@ -363,7 +423,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   per_layer: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   unknown, skipped = [], []
   hf_name_of: dict[str, str] = {}
-  for key, value in load_file(weights_path).items():
+  for key, value in _read_weights(weights_path).items():
     parsed = _parse_key(key)
     if parsed is None:
       (skipped if key.endswith(".base_layer.weight") else unknown).append(key)
@@ -420,4 +480,12 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
       alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
                      if a != default_alpha})
-  return targeting.unflatten(flat), config
+  adapters = targeting.unflatten(flat)
+  if base_params is not None:
+    try:
+      orbax_lib.check_adapters_fit(adapters, base_params, config, layouts=layouts)
+    except ValueError as error:
+      hint = (" (the file's layers are unrolled; pass scanned=True for a scanned base)"
+              if not scanned and path_map.scanned_prefix else "")
+      raise ValueError(f"{directory}: {error}{hint}") from None
+  return adapters, config

@@ -159,6 +159,11 @@ def _is_checkpoint(path: str) -> bool:
   return os.path.isdir(os.path.join(path, "manifest"))
 
 
+def is_peft_jax_checkpoint(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is a finished single checkpoint whose manifest peft_jax wrote."""
+  return _is_ours(os.fspath(path))
+
+
 def _is_ours(path: str) -> bool:
   """A finished single checkpoint whose manifest peft_jax wrote."""
   manifest = os.path.join(path, "manifest", "metadata")

@@ -161,14 +161,32 @@ def _require_adapter(run: Run, what: str) -> None:
     raise ft.CliError(f"{run.params_dir} holds full params (no adapter) — nothing to {what}.")
 
 
+_HF_FILES = ("config.json", "model.safetensors", "model.safetensors.index.json")
+
+
+def _check_merge_output(out: pathlib.Path, fmt: str, overwrite: bool) -> None:
+  """``--output`` must be new or empty, or (with ``--overwrite``) a checkpoint of that format."""
+  if not out.exists() or (out.is_dir() and not any(out.iterdir())):
+    return
+  ours = (checkpoint.is_peft_jax_checkpoint(out) if fmt != "hf"
+          else out.is_dir() and (out / "config.json").is_file()
+          and any((out / n).is_file() for n in _HF_FILES[1:]))
+  if not overwrite:
+    raise ft.CliError(f"--output {out} exists; pass --overwrite to replace it.")
+  if not ours:
+    raise ft.CliError(f"--output {out} is not a {fmt} checkpoint written by peft-jax; "
+                      "refusing to replace it (choose a new or empty folder).")
+
+
 def run_merge(args) -> pathlib.Path:
   """``peft-jax merge``: folds the adapter into the base; writes Orbax params or HF safetensors."""
   run = resolve_run(args.adapter)
   _require_adapter(run, "merge")
+  out = pathlib.Path(args.output)
+  _check_merge_output(out, args.format, args.overwrite)  # before any loading
   model = _model_for(args, run)
   params, config = load_adapted(args, run, model)
   merged = pj.merge(params, config, layouts=model.layouts)
-  out = pathlib.Path(args.output)
   if args.format == "hf":
     from peft_jax.models import hf_checkpoint  # pylint: disable=import-outside-toplevel
     unrolled = dataclasses.replace(model.config, scan_layers=False)

@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from peft_jax import targeting
+from peft_jax.lora import fit
 from peft_jax.lora.config import LoRAConfig
 
 
@@ -51,7 +52,12 @@ def split(params: Mapping[str, Any], config: LoRAConfig | None = None
 
 
 def combine(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, Any]:
-  """Inverse of :func:`split`: a deep union of two disjoint trees."""
+  """Inverse of :func:`split`: a deep union of two disjoint trees.
+
+  Raises:
+    ValueError: a leaf in both trees, or adapters that cannot act on the base
+      (no kernel at their module, shapes that do not fit it); all are named.
+  """
   base_inner, base_wrapped = targeting.unwrap_params(base)
   adapters_inner, _ = targeting.unwrap_params(adapters)
   flat = targeting.flatten(base_inner)
@@ -59,6 +65,10 @@ def combine(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, A
     if path in flat:
       raise ValueError(f"Leaf {path!r} is in both trees; combine expects disjoint trees.")
     flat[path] = value
+  problems = fit.misfits(flat)
+  if problems:
+    raise ValueError(f"{len(problems)} adapter module(s) would do nothing on this base:\n  "
+                     + "\n  ".join(problems))
   out = targeting.unflatten(flat)
   return {"params": out} if base_wrapped else out
 
