@@ -44,3 +44,17 @@ def test_load_named_checks_the_adapters_against_the_base(tmp_path):
                                           base_params={"m": {"kernel": jnp.zeros((4, 3))}})}
   with pytest.raises(ValueError, match="no kernel"):
     multitask.with_adapter({"other": {"kernel": jnp.zeros((4, 3))}}, library, "task")
+
+
+def test_every_guarantee_in_the_readme_names_existing_tests():
+  import pathlib
+  import re
+  root = pathlib.Path(__file__).parents[1]
+  readme = (root / "README.md").read_text()
+  section = readme.split("## Guarantees", 1)[1].split("\n## ", 1)[0]
+  cited = set(re.findall(r"`(test_\w+)`", section))
+  defined = {m for path in (root / "tests").glob("test_*.py")
+             for m in re.findall(r"^def (test_\w+)", path.read_text(), flags=re.M)}
+  assert cited and not cited - defined, sorted(cited - defined)
+  bullets = [b for b in section.split("\n* ")[1:]]
+  assert all(re.search(r"`test_\w+`", b) for b in bullets), "every guarantee names a test"
