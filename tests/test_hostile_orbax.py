@@ -324,3 +324,24 @@ def test_random_manifest_or_config_is_a_clean_error_or_a_correct_load(
       return
     assert got.kernel_shape == want.kernel_shape and got.block_size == want.block_size
     np.testing.assert_array_equal(got.codes, want.codes)
+
+
+def test_cli_generate_refuses_a_hostile_checkpoint_in_one_line(ckpt, capsys):
+  from peft_jax.cli.main import main  # pylint: disable=import-outside-toplevel
+  root, path = ckpt
+  victim = str(root / "victim")
+  edit_json(os.path.join(path, "manifest", "metadata"), lambda m: m["quantized"].update(
+      {"q": {"class": "peft_jax.checkpoint.orbax.save_params",
+             "static": {"directory": victim, "params": {}, "overwrite": True}}}))
+  (root / "run").mkdir()
+  (root / "run" / "summary.json").write_text("{not json")
+  before = snapshot(root)
+  for argv, message in [
+      (["generate", "--adapter", path, "--model", "tiny", "--prompt", "x"], "not a leaf type"),
+      (["generate", "--adapter", str(root / "run"), "--prompt", "x"],
+       "summary.json: not readable")]:
+    with pytest.raises(SystemExit) as exit_info:
+      main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
+  assert snapshot(root) == before

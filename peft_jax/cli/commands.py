@@ -20,6 +20,7 @@ import numpy as np
 
 import peft_jax as pj
 from peft_jax import checkpoint
+from peft_jax.checkpoint import untrusted
 from peft_jax.cli import compare as compare_lib
 from peft_jax.cli import finetune as ft
 from peft_jax.models import params_scanned_to_unrolled
@@ -41,7 +42,18 @@ class Run(NamedTuple):
 
 def _summary(directory: pathlib.Path) -> dict[str, Any]:
   path = directory / ft.SUMMARY_FILE
-  return json.loads(path.read_text()) if path.is_file() else {}
+  if not path.is_file():
+    return {}
+  try:  # a file: its fields are checked before any is used
+    summary = untrusted.require_dict(path, "summary", untrusted.read_json(path))
+    for name in ("model", "dtype"):
+      if name in summary:
+        untrusted.require_str(path, name, summary[name])
+    if "seed" in summary:
+      untrusted.require_int(path, "seed", summary["seed"], low=-2**63, high=2**63)
+  except ValueError as error:
+    raise ft.CliError(str(error)) from None
+  return summary
 
 
 def resolve_run(path: str) -> Run:
@@ -90,6 +102,8 @@ def load_adapted(args, run: Run, model: ft.LoadedModel) -> tuple[dict, pj.LoRACo
     adapters, config = checkpoint.restore(run.adapter_dir, model.params, layouts=model.layouts)
   except FileNotFoundError as error:
     raise ft.CliError(f"no finished adapter checkpoint at {run.adapter_dir}: {error}") from None
+  except untrusted.FileFormatError as error:
+    raise ft.CliError(f"cannot read the adapter at {run.adapter_dir}: {error}") from None
   except ValueError as error:
     raise ft.CliError(f"the adapter at {run.adapter_dir} does not fit the {model.name} model: "
                       f"{error}") from None
