@@ -94,7 +94,8 @@ def test_load_named_and_restore_share_the_checks(ckpt):
 NF4_LIES = [
     ("block_size", 32, "needs"), ("block_size", 48, "power of two"),
     ("block_size", True, "integer"), ("kernel_shape", {"tuple": [64, 16]}, "needs"),
-    ("kernel_shape", {"tuple": [2**60, 8]}, "integer in"), ("in_ndim", 2, "needs"), ("in_ndim", 3, "integer in"),
+    ("kernel_shape", {"tuple": [2**60, 8]}, "integer in"), ("in_ndim", 2, "needs"),
+    ("in_ndim", 3, "integer in"),
     ("quant_type", "fp8", "one of"), ("quant_type", "fp4", None),
     ("dtype", {"dtype": "int32"}, "one of"), ("dtype", {"dtype": "object"}, "one of"),
     ("compute_dtype", {"dtype": "uint8"}, "one of"), ("kernel_shape", [], "empty"),

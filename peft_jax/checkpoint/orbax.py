@@ -20,7 +20,6 @@ example a quantized base with ``NF4Array`` leaves) in the same format.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
 import shutil
@@ -36,6 +35,7 @@ from peft_jax import targeting
 from peft_jax.checkpoint import files
 from peft_jax.checkpoint import leaves as leaves_lib
 from peft_jax.checkpoint import untrusted as ut
+from peft_jax.lora import fit
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig, config_from_file
 from peft_jax.lora.tree import adapter_modules, is_adapter_path
@@ -74,9 +74,7 @@ def adapter_mismatches(adapters: Mapping[str, Any], base_params: Mapping[str, An
     by_module.setdefault(module, {})[name] = leaf
   for module, leaves in sorted(by_module.items()):
     if module not in modules:
-      close = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
-      problems.append(f"{module}: no kernel or embedding at this path in the base "
-                      f"(closest: {close})")
+      problems.append(fit.no_kernel(module, modules))
       continue
     kernel = base_flat[f"{module}/{modules[module]}"]
     kernel_shape = tuple(kernel.shape)

@@ -21,6 +21,12 @@ def _shape(leaf: Any) -> tuple[int, ...]:
   return tuple(getattr(leaf, "shape", ()))
 
 
+def no_kernel(module: str, modules) -> str:
+  """The line for an adapter module without a kernel, naming the closest base modules."""
+  close = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
+  return f"{module}: no kernel or embedding at this path in the base (closest: {close})"
+
+
 def misfits(flat: Mapping[str, Any]) -> list[str]:
   """One line per adapter module of a flattened params tree that cannot act."""
   modules = targeting.adaptable_modules(targeting.unflatten(dict(flat)))
@@ -32,9 +38,7 @@ def misfits(flat: Mapping[str, Any]) -> list[str]:
   problems = []
   for module, found in sorted(leaves.items()):
     if module not in modules:
-      close = difflib.get_close_matches(module, list(modules), n=2, cutoff=0.6)
-      problems.append(f"{module}: no kernel or embedding at this path in the base "
-                      f"(closest: {close}; scanned vs unrolled layers?)")
+      problems.append(no_kernel(module, modules))
       continue
     if "lora_a" not in found or "lora_b" not in found:
       continue
