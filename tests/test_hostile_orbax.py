@@ -346,3 +346,19 @@ def test_cli_generate_refuses_a_hostile_checkpoint_in_one_line(ckpt, capsys):
     err = capsys.readouterr().err.strip()
     assert exit_info.value.code == 2 and message in err and "Traceback" not in err, err
   assert snapshot(root) == before
+
+
+def test_version_1_checkpoints_still_restore(tmp_path, nf4_params):
+  """Format 1 named the class and stored no array list: its one class name still reads."""
+  path = checkpoint.save_params(tmp_path / "base", nf4_params)
+
+  def to_version_1(m):
+    m["format_version"] = 1
+    del m["arrays"]
+    for spec in m["quantized"].values():
+      spec["class"] = "peft_jax.quant.nf4.NF4Array"
+      del spec["type"]
+  edit_json(os.path.join(path, "manifest", "metadata"), to_version_1)
+  restored = checkpoint.restore_params(path)
+  np.testing.assert_array_equal(restored["dq"]["kernel"].dequantize(),
+                                nf4_params["dq"]["kernel"].dequantize())
