@@ -133,7 +133,7 @@ def _file_config(config: LoRAConfig, tree: Mapping[str, Any]) -> dict[str, Any]:
   for name, value_for, default in (("rank_pattern", config.rank_for, config.rank),
                                    ("alpha_pattern", config.alpha_for, config.alpha)):
     pattern = d[name]
-    if all(ut.literal_name(k) is not None for k in pattern):
+    if all(ut.is_plain(k) for k in pattern):
       continue
     d[name] = {re.escape(m): value_for(m) for m in modules if value_for(m) != default}
   return d

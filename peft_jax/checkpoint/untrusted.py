@@ -104,6 +104,11 @@ def literal_name(key: Any) -> str | None:
   return "".join(out)
 
 
+def is_plain(key: Any) -> bool:
+  """A pattern key with no regex operator at all (not even ``.``): a regex and a name agree."""
+  return isinstance(key, str) and literal_name(key) is not None and not _REGEX_SPECIAL.search(key)
+
+
 def literal_patterns(file: Any, field: str, pattern: Any) -> dict[str, Any]:
   """``{escaped module name: value}`` from a file's ``rank_pattern``/``alpha_pattern``.
 
@@ -119,7 +124,7 @@ def literal_patterns(file: Any, field: str, pattern: Any) -> dict[str, Any]:
       raise malformed(file, f"{field}[{show(key, 60)}]", key,
                       "pattern keys read from files must be module names (regular "
                       "expressions are only taken from Python code)")
-    out[key if _REGEX_SPECIAL.search(key) is None else re.escape(name)] = value
+    out[key if is_plain(key) else re.escape(name)] = value
   return out
 
 
