@@ -166,7 +166,7 @@ def _alarm(*_):
   raise _Hang()
 
 
-@settings(max_examples=60, deadline=None,
+@settings(max_examples=40, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(changes=st.dictionaries(st.sampled_from(_FIELDS), _VALUES, max_size=3))
 def test_random_adapter_config_is_a_clean_error_or_a_correct_load(tmp_path_factory, changes):

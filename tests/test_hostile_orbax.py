@@ -292,7 +292,7 @@ def pristine(tmp_path_factory):
   return root
 
 
-@settings(max_examples=40, deadline=None,
+@settings(max_examples=30, deadline=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(item=st.sampled_from(["a/manifest", "a/config", "p/manifest"]),
        choices=st.lists(st.integers(0, 50), max_size=5), value=_JSON)
