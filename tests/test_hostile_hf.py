@@ -13,7 +13,7 @@ from safetensors.numpy import load_file, save_file
 
 import peft_jax as pj
 from peft_jax.checkpoint import export_peft, import_peft
-from conftest_hostile import snapshot
+from hostile_helpers import snapshot
 
 CONFIG = pj.LoRAConfig(rank=2, alpha=4.0, target_modules=("q_proj",))
 ADAPTERS = {"model": {f"layers_{i}": {"self_attn": {"q_proj": {

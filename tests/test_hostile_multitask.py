@@ -6,7 +6,7 @@ import pytest
 import peft_jax as pj
 from peft_jax import multitask
 from peft_jax.checkpoint.untrusted import check_name
-from conftest_hostile import snapshot
+from hostile_helpers import snapshot
 
 CONFIG = pj.LoRAConfig(rank=2, target_modules=("m",))
 ADAPTERS = {"m": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}

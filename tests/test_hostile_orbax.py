@@ -24,7 +24,7 @@ import peft_jax as pj
 from peft_jax import checkpoint, multitask
 from peft_jax.checkpoint import untrusted
 from peft_jax.quant import nf4
-from conftest_hostile import edit_json, snapshot
+from hostile_helpers import edit_json, snapshot
 
 CONFIG = pj.LoRAConfig(rank=2, alpha=4.0, target_modules=("q", "v"), rank_pattern={"v": 1})
 ADAPTERS = {"q": {"lora_a": jnp.arange(8.0).reshape(4, 2), "lora_b": jnp.ones((2, 3))},

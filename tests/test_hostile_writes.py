@@ -17,7 +17,7 @@ import peft_jax as pj
 from peft_jax import checkpoint
 from peft_jax.checkpoint import files
 from peft_jax.cli.main import main
-from conftest_hostile import snapshot
+from hostile_helpers import snapshot
 
 CONFIG = pj.LoRAConfig(rank=2, target_modules=("m",))
 OLD = {"m": {"lora_a": jnp.ones((4, 2)), "lora_b": jnp.ones((2, 3))}}
