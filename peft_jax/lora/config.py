@@ -54,6 +54,12 @@ class LoRAConfig:
     adapter_dtype: dtype of adapter leaves; ``None`` takes the kernel's dtype
       (the compute dtype for quantized kernels).
     loftq_iter: LoftQ alternations (``init="loftq"``).
+    weight_names: leaf names that can be adapted. ``kernel`` and
+      ``embedding`` (the built-in modules) adapt the module holding them;
+      add others (``"w"``, ``"weight"``, ``"gating_einsum"``) to adapt the
+      params of custom modules: each such weight is its own target
+      (``target_modules=("mlp/gating_einsum",)``) and its adapter leaves live
+      in ``<weight>_lora`` beside it (see :mod:`peft_jax.targeting`).
   """
 
   rank: int = 8
@@ -70,6 +76,7 @@ class LoRAConfig:
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=FrozenDict)
   adapter_dtype: str | None = None
   loftq_iter: int = 1
+  weight_names: tuple[str, ...] = targeting.KERNEL_LEAVES
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -81,6 +88,12 @@ class LoRAConfig:
       layers = self.layers_to_transform
       set_("layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
     set_("init", _check_init(self.init))
+    names = (self.weight_names,) if isinstance(self.weight_names, str) else tuple(self.weight_names)
+    set_("weight_names", names)
+    for name in names:
+      if (not isinstance(name, str) or not name or "/" in name or name in targeting.ADAPTER_LEAVES
+          or name.endswith(targeting.SITE_SUFFIX)):
+        raise ValueError(f"weight_names entry {name!r} is not a usable param name.")
     # FrozenDicts keep the config hashable, so it can be a static jit argument.
     set_("rank_pattern", FrozenDict(self.rank_pattern))
     set_("alpha_pattern", FrozenDict(self.alpha_pattern))
@@ -120,7 +133,7 @@ class LoRAConfig:
     for key, value in d.items():
       if isinstance(value, Mapping):
         d[key] = dict(value)
-    for key in ("target_modules", "exclude_modules", "layers_to_transform"):
+    for key in ("target_modules", "exclude_modules", "layers_to_transform", "weight_names"):
       if isinstance(d[key], tuple):
         d[key] = list(d[key])
     d["format_version"] = CONFIG_FORMAT_VERSION

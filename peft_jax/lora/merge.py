@@ -13,15 +13,17 @@ from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
 
 
-def _kernel_name(flat, module):
-  for name in targeting.KERNEL_LEAVES:
-    if f"{module}/{name}" in flat:
-      return name
-  raise ValueError(f"Module {module!r} holds adapters but no kernel or embedding.")
+def _weight_path(flat, site):
+  path = targeting.site_weight(flat, site)
+  if path is None:
+    raise ValueError(f"Adapters at {site!r} have no weight beside them (kernel, embedding, "
+                     "or the weight their '<weight>_lora' site names).")
+  return path
 
 
 def _module_layout(module, kernel, lora_a, lora_b, layouts):
-  layout = (layouts or {}).get(module) or layout_lib.layout_from_adapters(
+  layouts = layouts or {}
+  layout = layouts.get(module) or layouts.get(targeting.site_target(module)) or layout_lib.layout_from_adapters(
       kernel.shape, lora_a.shape, lora_b.shape)
   layout_lib.check_adapter_shapes(module, kernel.shape, lora_a.shape, lora_b.shape, layout)
   return layout
@@ -85,8 +87,8 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
   if not modules:
     raise ValueError("These params hold no adapters (no 'lora_a' leaf): nothing to merge.")
   for module in modules:
-    name = _kernel_name(flat, module)
-    kernel = flat[f"{module}/{name}"]
+    weight = _weight_path(flat, module)
+    kernel = flat[weight]
     lora_a, lora_b = flat.pop(f"{module}/lora_a"), flat.pop(f"{module}/lora_b")
     magnitude = flat.pop(f"{module}/lora_magnitude", None)
     lora_e = flat.pop(f"{module}/lora_e", None)
@@ -98,7 +100,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
           f"{config.rank_for(module)}: the config does not fit these params.")
     scale = config.scale_for(module, rank)
     dense = merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout)
-    flat[f"{module}/{name}"] = dense.astype(kernel.dtype)
+    flat[weight] = dense.astype(kernel.dtype)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 
@@ -123,14 +125,14 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
       raise ValueError(
           f"DoRA adapters ({module!r}) cannot be unmerged exactly: the weight norm of "
           "the unmerged kernel is not recoverable from the merged one. Keep the base params.")
-    name = _kernel_name(flat, module)
-    kernel = flat[f"{module}/{name}"]
+    weight = _weight_path(flat, module)
+    kernel = flat[weight]
     lora_a, lora_b = adapter_flat[f"{module}/lora_a"], adapter_flat[f"{module}/lora_b"]
     lora_e = adapter_flat.get(f"{module}/lora_e")
     layout = _module_layout(module, kernel, lora_a, lora_b, layouts)
     a = _with_singular_values(lora_a.astype(jnp.float32), lora_e, layout)
     delta = config.scale_for(module, lora_a.shape[-1]) * delta_kernel(a, lora_b.astype(jnp.float32), layout)
-    flat[f"{module}/{name}"] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+    flat[weight] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
   for path, value in adapter_flat.items():
     flat[path] = value
   out = targeting.unflatten(flat)

@@ -158,7 +158,8 @@ def lora_transform(
   A pure tree transformation: the model is not run. For each module selected
   by ``config.target_modules`` it adds ``lora_a`` and ``lora_b`` (and, for
   DoRA, ``lora_magnitude``) in the module's own dict, shaped after the
-  kernel (see :mod:`peft_jax.lora.layout`). With the default init the adapted
+  kernel (see :mod:`peft_jax.lora.layout`); a weight named in
+  ``config.weight_names`` gets them in ``<weight>_lora`` beside it. With the default init the adapted
   model computes exactly what the base model does.
 
   Args:
@@ -182,15 +183,17 @@ def lora_transform(
   inner, wrapped = targeting.unwrap_params(params)
   selected = targeting.select_modules(
       inner, config.target_modules, exclude_modules=config.exclude_modules,
-      layers_to_transform=config.layers_to_transform)
+      layers_to_transform=config.layers_to_transform, weight_names=config.weight_names)
   targeting.check_patterns_match(config.rank_pattern, selected, "rank_pattern")
   targeting.check_patterns_match(config.alpha_pattern, selected, "alpha_pattern")
   flat = targeting.flatten(inner)
   keys = jax.random.split(key, len(selected))
   for module_key, (path, leaf_name) in zip(keys, selected.items()):
-    if f"{path}/lora_a" in flat:
+    site = targeting.site_path(path, leaf_name)
+    weight = targeting.weight_path(path, leaf_name)
+    if f"{site}/lora_a" in flat:
       raise ValueError(f"Module {path!r} already holds adapters; merge or split them off first.")
-    kernel = flat[f"{path}/{leaf_name}"]
+    kernel = flat[weight]
     if not (is_quantized(kernel) or jnp.issubdtype(kernel.dtype, jnp.floating)):
       raise ValueError(f"The {leaf_name} at {path!r} has dtype {kernel.dtype}; expected a float kernel.")
     layout = _resolve_layout(path, leaf_name, kernel, layouts)
@@ -215,7 +218,7 @@ def lora_transform(
       from peft_jax.quant import loftq  # pylint: disable=import-outside-toplevel
       qkernel, lora_a, lora_b = loftq.loftq_for_kernel(
           kernel, layout, rank, config.loftq_iter, path=path)
-      flat[f"{path}/{leaf_name}"] = qkernel
+      flat[weight] = qkernel
       lora_a = lora_a.reshape(a_shape).astype(dtype)
       lora_b = lora_b.reshape(b_shape).astype(dtype)
     else:
@@ -227,14 +230,14 @@ def lora_transform(
           kernel, layout, rank, scale, init, module_key, is_embedding, path)
       lora_a = lora_a.reshape(a_shape).astype(dtype)
       lora_b = lora_b.reshape(b_shape).astype(dtype)
-      flat[f"{path}/{leaf_name}"] = residual.astype(kernel.dtype)
-    flat[f"{path}/lora_a"] = lora_a
-    flat[f"{path}/lora_b"] = lora_b
+      flat[weight] = residual.astype(kernel.dtype)
+    flat[f"{site}/lora_a"] = lora_a
+    flat[f"{site}/lora_b"] = lora_b
     if config.use_dora:
-      base = kernel_value(flat[f"{path}/{leaf_name}"], jnp.float32)
+      base = kernel_value(flat[weight], jnp.float32)
       adapted = base + scale * delta_kernel(
           lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
-      flat[f"{path}/lora_magnitude"] = weight_norm(adapted, layout).astype(dtype)
+      flat[f"{site}/lora_magnitude"] = weight_norm(adapted, layout).astype(dtype)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 
