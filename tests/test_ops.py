@@ -160,3 +160,225 @@ def test_custom_twin_matches_builtin(method, product):
   for path, value in targeting.flatten(_from_custom(cmerged)["params"]).items():
     np.testing.assert_allclose(value, targeting.flatten(merged["params"])[path], **TOL)
   np.testing.assert_allclose(custom_model.apply(cmerged, x), want, rtol=1e-5, atol=1e-5)
+
+
+class KernelEinsum(nn.Module):
+  """The issue's example: a ``kernel`` param used by ``jnp.einsum``."""
+
+  @nn.compact
+  def __call__(self, x):
+    kernel = self.param("kernel", nn.initializers.lecun_normal(), (x.shape[-1], 8))
+    return jnp.einsum("bd,df->bf", x, kernel)
+
+
+class Single(nn.Module):
+  """One custom layer under a parent (adapters live at ``proj``)."""
+
+  layer: type = KernelEinsum
+
+  @nn.compact
+  def __call__(self, x):
+    return self.layer(name="proj")(x)
+
+
+class Unused(nn.Module):
+  """Holds a weight that never enters a product."""
+
+  @nn.compact
+  def __call__(self, x):
+    w = self.param("w", nn.initializers.lecun_normal(), (x.shape[-1], x.shape[-1]))
+    return x * jnp.sum(w)
+
+
+class Skipping(nn.Module):
+  """Never calls its second layer."""
+
+  @nn.compact
+  def __call__(self, x, use_second=False):
+    h = KernelEinsum(name="first")(x)
+    second = KernelEinsum(name="second")
+    return second(h) if use_second or self.is_initializing() else h
+
+
+def _adapted(model, x, config, **kw):
+  params = model.init(jax.random.key(0), x, **kw)
+  params = pj.lora_transform(params, config, key=jax.random.key(1))
+  return jax.tree.map(lambda v: v + 0.1 if v.ndim == 2 and v.shape[0] == 2 else v, params)
+
+
+def test_kernel_param_in_custom_einsum_acts():
+  x = jax.random.normal(jax.random.key(0), (3, 6))
+  config = pj.LoRAConfig(rank=2, target_modules="all-linear")
+  params = _adapted(Single(), x, config)
+  p = params["params"]["proj"]
+  with pj.intercept(config):
+    got = Single().apply(params, x)
+  want = x @ p["kernel"] + config.scale_for("proj") * (x @ p["lora_a"]) @ p["lora_b"]
+  np.testing.assert_allclose(got, want, **TOL)
+
+
+def test_weight_outside_any_product_raises_naming_path():
+  x = jnp.ones((2, 4))
+  config = pj.LoRAConfig(rank=2, target_modules=("w",), weight_names=("w",))
+  params = _adapted(Single(Unused), x, config)
+  with pytest.raises(ValueError, match=r"(?s)proj/w_lora: its weight was used only by .*reduce_sum"):
+    with pj.intercept(config):
+      Single(Unused).apply(params, x)
+
+
+def test_module_never_called_raises_naming_path():
+  x = jnp.ones((2, 4))
+  config = pj.LoRAConfig(rank=2, target_modules="all-linear")
+  params = _adapted(Skipping(), x, config)
+  with pytest.raises(ValueError, match="second: its module was never called"):
+    with pj.intercept(config):
+      Skipping().apply(params, x)
+  with pj.intercept(config):  # both used: no error
+    Skipping().apply(params, x, use_second=True)
+
+
+def test_stacked_adapters_outside_mixed_adapters_raise():
+  x = jnp.ones((2, 4))
+  config = pj.LoRAConfig(rank=2, target_modules="all-linear")
+  params = _adapted(Single(), x, config)
+  adapters, base = pj.split(params)
+  stack = multitask.stack_adapters({"t": multitask.TaskAdapter(adapters, config)})
+  with pytest.raises(ValueError, match="mixed_adapters"):
+    with pj.intercept(config):
+      Single().apply(multitask.attach(base, stack), x)
+
+
+class CustomBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = Linear(16, name="up")(x)
+    return x + Linear(x.shape[-1], "dot_general", name="down")(jax.nn.relu(h)), None
+
+
+class BuiltinBlock(nn.Module):
+  @nn.compact
+  def __call__(self, x, _):
+    h = nn.Dense(16, use_bias=False, name="up")(x)
+    return x + nn.Dense(x.shape[-1], use_bias=False, name="down")(jax.nn.relu(h)), None
+
+
+def _scanned(block):
+  class Scanned(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      layers = nn.scan(nn.remat(block), variable_axes={"params": 0}, split_rngs={"params": True},
+                       length=3)
+      return layers(name="layers")(x, None)[0]
+  return Scanned()
+
+
+def test_scanned_remat_custom_einsum_matches_builtin():
+  x = jax.random.normal(jax.random.key(0), (2, 5, 8))
+  builtin, custom = _scanned(BuiltinBlock), _scanned(CustomBlock)
+  bparams = builtin.init(jax.random.key(1), x)
+  cparams = {"params": {"layers": {n: {"w": bparams["params"]["layers"][n]["kernel"]}
+                                   for n in ("up", "down")}}}
+  blayouts = pj.kernel_layouts(builtin, x)
+  clayouts = pj.kernel_layouts(custom, x)
+  assert clayouts["layers/up/w"] == blayouts["layers/up"]  # found by tracing the products
+  assert clayouts["layers/up/w"].batch_ndim == 1
+  config = pj.LoRAConfig(rank=2, target_modules=("up", "down"))
+  ccfg = config.replace(weight_names=("w",), target_modules=("up/w", "down/w"))
+  bparams = pj.lora_transform(bparams, config, key=jax.random.key(2), layouts=blayouts)
+  bparams = jax.tree.map(lambda v: v + 0.1 if v.shape[1] == 2 else v, bparams)
+  for n in ("up", "down"):
+    layer = dict(bparams["params"]["layers"][n])
+    cparams["params"]["layers"][n]["w_lora"] = {k: layer[k] for k in ("lora_a", "lora_b")}
+  badapters, bbase = pj.split(bparams)
+  cadapters, cbase = pj.split(cparams)
+
+  def loss(model, cfg, base, a):
+    with pj.intercept(cfg):
+      return jnp.sum(model.apply(pj.combine(base, a), x) ** 2)
+
+  np.testing.assert_allclose(loss(custom, ccfg, cbase, cadapters),
+                             loss(builtin, config, bbase, badapters), rtol=1e-6)
+  gb = jax.grad(lambda a: loss(builtin, config, bbase, a))(badapters)["params"]["layers"]
+  gc = jax.grad(lambda a: loss(custom, ccfg, cbase, a))(cadapters)["params"]["layers"]
+  for n in ("up", "down"):
+    np.testing.assert_allclose(gc[n]["w_lora"]["lora_b"], gb[n]["lora_b"], rtol=1e-5, atol=1e-6)
+  merged = pj.merge(cparams, ccfg, layouts=clayouts)
+  np.testing.assert_allclose(merged["params"]["layers"]["up"]["w"],
+                             pj.merge(bparams, config, layouts=blayouts)["params"]["layers"]["up"]["kernel"],
+                             **TOL)
+
+
+def test_jitted_custom_step_does_not_retrace():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 16))
+  config = pj.LoRAConfig(rank=2, target_modules=("up/w",), weight_names=("w",))
+  model = Net(custom=True)
+  params = pj.lora_transform(model.init(jax.random.key(1), x), config, key=jax.random.key(2))
+  adapters, base = pj.split(params)
+  traces = []
+
+  @jax.jit
+  def step(adapters, x):
+    traces.append(1)
+    grads = jax.grad(lambda a: _loss(model, config, pj.combine(base, a), x))(adapters)
+    return jax.tree.map(lambda p, g: p - 0.1 * g, adapters, grads)
+
+  for i in range(3):
+    adapters = step(adapters, x + i)
+  assert len(traces) == 1
+  assert float(jnp.abs(adapters["params"]["up"]["w_lora"]["lora_b"]).max()) > 0  # it trained
+
+
+def test_custom_dropout_uses_rng():
+  x = jnp.ones((64, 6))
+  config = pj.LoRAConfig(rank=2, target_modules="all-linear", dropout=0.5)
+  params = _adapted(Single(), x, config)
+  with pj.intercept(config):
+    clean = Single().apply(params, x)
+    drop = Single().apply(params, x, rngs={"dropout": jax.random.key(3)})
+  with pj.intercept(config, deterministic=True):
+    det = Single().apply(params, x, rngs={"dropout": jax.random.key(3)})
+  np.testing.assert_array_equal(det, clean)
+  assert not np.allclose(drop, clean)
+
+
+def test_mixed_batch_custom_and_dense_general_match_single_runs():
+  class Mixed(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+      h = nn.DenseGeneral((2, 4), name="proj")(x)
+      return Linear(5, "matmul", name="out")(h.reshape(h.shape[:-2] + (8,)))
+
+  x = jax.random.normal(jax.random.key(0), (3, 4, 6))
+  model = Mixed()
+  base = model.init(jax.random.key(1), x)
+  layouts = pj.kernel_layouts(model, x)
+  library = {}
+  for k, rank in enumerate((2, 3)):
+    cfg = pj.LoRAConfig(rank=rank, alpha=4.0 + k, target_modules=("proj", "out/w"),
+                        weight_names=("w",))
+    p = pj.lora_transform(base, cfg, key=jax.random.key(10 + k), layouts=layouts)
+    p = jax.tree.map(lambda v: v + 0.1 * (k + 1) if v.shape[0] == rank else v, p)
+    library[f"t{k}"] = multitask.TaskAdapter(pj.split(p)[0], cfg)
+  stack = multitask.stack_adapters(library, layouts=layouts)
+  index = stack.index(["t1", None, "t0"])
+  with multitask.mixed_adapters(index):
+    mixed = model.apply(multitask.attach(base, stack), x)
+  for row, name in enumerate(["t1", None, "t0"]):
+    if name is None:
+      want = model.apply(base, x[row:row + 1])
+    else:
+      params, cfg = multitask.with_adapter(base, library, name)
+      with pj.intercept(cfg):
+        want = model.apply(params, x[row:row + 1])
+    np.testing.assert_allclose(mixed[row:row + 1], want, **TOL)
+  with pytest.raises(ValueError, match="out of range"):
+    with multitask.mixed_adapters(jnp.array([0, 2, -1])):
+      model.apply(multitask.attach(base, stack), x)
+  jitted = jax.jit(lambda p, i: _mixed_apply(model, p, x, i))
+  bad = jitted(multitask.attach(base, stack), jnp.array([0, 5, -1]))
+  assert np.isnan(np.asarray(bad[1])).all() and not np.isnan(np.asarray(bad[0])).any()
+
+
+def _mixed_apply(model, params, x, index):
+  with multitask.mixed_adapters(index):
+    return model.apply(params, x)
