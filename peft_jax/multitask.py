@@ -157,7 +157,7 @@ def stack_adapters(library: Mapping[str, TaskAdapter], *,
         raise ValueError(f"Adapter {names[k]!r} holds {extra} at {module!r}: only LoRA/rsLoRA "
                          "adapters mix in one batch; merge DoRA adapters per task instead.")
     lora_a0, lora_b0 = present[0][1]["lora_a"], present[0][1]["lora_b"]
-    layout = (layouts or {}).get(module)
+    layout = (layouts or {}).get(module) or (layouts or {}).get(targeting.site_target(module))
     batch = layout.batch_ndim if layout is not None else lora_a0.ndim - 2
     lead, in_shape = lora_a0.shape[:batch], lora_a0.shape[batch:-1]
     out_shape = lora_b0.shape[batch + 1:]

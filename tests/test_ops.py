@@ -382,3 +382,18 @@ def test_mixed_batch_custom_and_dense_general_match_single_runs():
 def _mixed_apply(model, params, x, index):
   with multitask.mixed_adapters(index):
     return model.apply(params, x)
+
+
+def test_checkpoint_roundtrip_of_weight_sites(tmp_path):
+  x = jnp.ones((2, 3, 16))
+  model = Net(custom=True)
+  config = pj.LoRAConfig(rank=2, target_modules=("gating_einsum", "linear"),
+                         weight_names=("gating_einsum", "linear"), rank_pattern={"linear": 3})
+  params = pj.lora_transform(model.init(jax.random.key(0), x), config, key=jax.random.key(1))
+  assert params["params"]["mlp"]["linear_lora"]["lora_a"].shape == (32, 3)
+  adapters, base = pj.split(params)
+  pj.checkpoint.save(tmp_path / "ckpt", adapters, config)
+  restored, restored_config = pj.checkpoint.restore(tmp_path / "ckpt", base)
+  assert restored_config == config
+  for path, value in targeting.flatten(adapters["params"]).items():
+    np.testing.assert_array_equal(targeting.flatten(restored["params"])[path], value)

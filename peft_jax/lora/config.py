@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 from flax.core import FrozenDict
 
 from peft_jax import targeting
@@ -25,6 +27,10 @@ def _check_init(init: str | bool) -> str:
     raise ValueError(
         f"Unknown init {init!r}; expected one of {_INITS} or 'pissa_niter_K'.")
   return init
+
+
+CONFIG_CLASSES: dict[str, type] = {}
+"""``{class name: class}`` of :class:`LoRAConfig` and its subclasses (see :func:`config_from_dict`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -77,6 +83,10 @@ class LoRAConfig:
   adapter_dtype: str | None = None
   loftq_iter: int = 1
   weight_names: tuple[str, ...] = targeting.KERNEL_LEAVES
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    CONFIG_CLASSES[cls.__name__] = cls
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -157,6 +167,9 @@ class LoRAConfig:
     return cls(**d)
 
 
+CONFIG_CLASSES["LoRAConfig"] = LoRAConfig
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DoRAConfig(LoRAConfig):
   """:class:`LoRAConfig` with ``use_dora=True`` (the seed document's name)."""
@@ -175,18 +188,18 @@ def _check_alpha(alpha: Any, what: str) -> None:
 
 
 def _dtype_name(dtype: Any) -> str:
-  import numpy as np
-  import jax.numpy as jnp
   return jnp.dtype(dtype).name if not isinstance(dtype, str) else np.dtype(jnp.dtype(dtype)).name
 
 
 def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
-  """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass)."""
-  from peft_jax.lora.adalora import AdaLoRAConfig  # pylint: disable=import-outside-toplevel
-  from peft_jax.qlora import QLoRAConfig  # pylint: disable=import-outside-toplevel
-  classes = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig, "AdaLoRAConfig": AdaLoRAConfig,
-             "QLoRAConfig": QLoRAConfig}
+  """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass).
+
+  ``config_class`` names a class from the registry that every subclass of
+  :class:`LoRAConfig` joins when it is defined (``AdaLoRAConfig``,
+  ``QLoRAConfig`` once :mod:`peft_jax` is imported); a saved name never
+  makes us import or call anything else.
+  """
   name = d.get("config_class", "LoRAConfig")
-  if name not in classes:
-    raise ValueError(f"Unknown config class {name!r} in saved config.")
-  return classes[name].from_dict(d)
+  if name not in CONFIG_CLASSES:
+    raise ValueError(f"Unknown config class {name!r} in saved config; known: {sorted(CONFIG_CLASSES)}.")
+  return CONFIG_CLASSES[name].from_dict(d)

@@ -35,7 +35,7 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
-from peft_jax.lora import ops
+from peft_jax.lora import ops, quantized
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 
@@ -306,8 +306,7 @@ class _Interceptor:
   def _quantized_base(self, module, args, kwargs):
     # A quantized kernel cannot pass through the module's own __call__ (which
     # checks the stored shape against its initializer), so the product is ours.
-    from peft_jax.quant import interop  # pylint: disable=import-outside-toplevel
-    return interop.quantized_module_call(module, args, kwargs, impl=self.quant_impl,
+    return quantized.quantized_module_call(module, args, kwargs, impl=self.quant_impl,
                                          platform=self.quant_platform)
 
   def _is_deterministic(self, module) -> bool:

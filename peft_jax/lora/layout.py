@@ -27,6 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from peft_jax import targeting
 
@@ -66,6 +67,27 @@ class KernelLayout:
     kernel = string.ascii_lowercase[: self.kernel_ndim]
     return (kernel, "".join(kernel[i] for i in self.in_axes),
             "".join(kernel[o] for o in self.out_axes))
+
+
+def to_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
+  """Per-layer kernel (batch + kernel axes) -> batch + (fan_in, fan_out)."""
+  b = layout.batch_ndim
+  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
+  fan_in, fan_out = layout.matrix_dims(kernel.shape)
+  return jnp.transpose(kernel, perm).reshape(kernel.shape[:b] + (fan_in, fan_out))
+
+
+def from_matrix(matrix: jax.Array, kernel_shape, layout: KernelLayout) -> jax.Array:
+  """Inverse of :func:`to_matrix` for a kernel of ``kernel_shape``."""
+  b = layout.batch_ndim
+  kernel_shape = tuple(kernel_shape)
+  batch = kernel_shape[:b]
+  permuted = batch + layout.in_shape(kernel_shape) + layout.out_shape(kernel_shape)
+  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
+  inverse = [0] * len(perm)
+  for dst, src in enumerate(perm):
+    inverse[src] = dst
+  return jnp.transpose(matrix.reshape(permuted), inverse)
 
 
 RANK_LETTER = "z"  # never among the kernel letters (kernels have < 25 axes)

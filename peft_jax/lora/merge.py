@@ -11,6 +11,8 @@ from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
+from peft_jax.lora.tree import adapter_paths
+from peft_jax.quant.nf4 import is_quantized, quantize_array
 
 
 def _weight_path(flat, site):
@@ -23,8 +25,8 @@ def _weight_path(flat, site):
 
 def _module_layout(module, kernel, lora_a, lora_b, layouts):
   layouts = layouts or {}
-  layout = layouts.get(module) or layouts.get(targeting.site_target(module)) or layout_lib.layout_from_adapters(
-      kernel.shape, lora_a.shape, lora_b.shape)
+  layout = (layouts.get(module) or layouts.get(targeting.site_target(module))
+            or layout_lib.layout_from_adapters(kernel.shape, lora_a.shape, lora_b.shape))
   layout_lib.check_adapter_shapes(module, kernel.shape, lora_a.shape, lora_b.shape, layout)
   return layout
 
@@ -74,7 +76,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
       axes interleave (see :mod:`peft_jax.lora.layout`).
 
   A quantized (NF4) kernel merges into a dense kernel of its compute dtype;
-  :func:`peft_jax.quant.merge_into_quantized` re-quantizes and reports the
+  :func:`merge_into_quantized` re-quantizes and reports the
   error.
 
   Raises:
@@ -142,3 +144,36 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
 def merge_lora(params: Mapping[str, Any], config: LoRAConfig, **kwargs) -> dict[str, Any]:
   """The seed document's name for :func:`merge`."""
   return merge(params, config, **kwargs)
+
+
+def merge_into_quantized(params: Mapping[str, Any], config, spec, *, layouts=None
+                         ) -> tuple[dict[str, Any], dict[str, float]]:
+  """Merges adapters into an NF4 base and re-quantizes the merged kernels.
+
+  Args:
+    params: params whose adapted kernels are :class:`NF4Array` leaves.
+    config: the adapters' :class:`peft_jax.LoRAConfig`.
+    spec: the :class:`peft_jax.quant.NF4` spec for the merged kernels.
+    layouts: as for :func:`peft_jax.merge`.
+
+  Returns:
+    ``(qparams, errors)``: params with re-quantized merged kernels, and per
+    module the relative Frobenius error ``||deq(q(W')) - W'|| / ||W'||`` that
+    re-quantization adds to the merged kernel ``W'``.
+  """
+  inner, wrapped = targeting.unwrap_params(params)
+  flat_before = targeting.flatten(inner)
+  merged = targeting.flatten(targeting.unwrap_params(merge(params, config, layouts=layouts))[0])
+  errors = {}
+  for module in adapter_paths(inner):
+    path = targeting.site_weight(flat_before, module)
+    old = flat_before.get(path)
+    if not is_quantized(old):
+      continue
+    dense = merged[path]
+    q = quantize_array(dense, spec, stack_ndim=len(old.stack_shape), in_ndim=len(old.in_shape))
+    diff = q.dequantize(jnp.float32) - dense.astype(jnp.float32)
+    errors[module] = float(jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(dense.astype(jnp.float32).ravel()))
+    merged[path] = q
+  out = targeting.unflatten(merged)
+  return ({"params": out} if wrapped else out), errors

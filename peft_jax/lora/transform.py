@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora.config import LoRAConfig
-from peft_jax.lora.layout import KernelLayout, default_layout
+from peft_jax.lora import loftq
+from peft_jax.lora.layout import KernelLayout, default_layout, from_matrix, to_matrix
 
 Params = Mapping[str, Any]
 
@@ -26,26 +27,6 @@ def kernel_value(leaf: Any, dtype=None) -> jax.Array:
   """A kernel leaf as a dense array (dequantized when quantized)."""
   value = leaf.dequantize() if is_quantized(leaf) else jnp.asarray(leaf)
   return value if dtype is None else value.astype(dtype)
-
-
-def _to_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
-  """Per-layer kernel (batch + kernel axes) -> batch + (fan_in, fan_out)."""
-  b = layout.batch_ndim
-  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
-  fan_in, fan_out = layout.matrix_dims(kernel.shape)
-  return jnp.transpose(kernel, perm).reshape(kernel.shape[:b] + (fan_in, fan_out))
-
-
-def _from_matrix(matrix: jax.Array, kernel_shape, layout: KernelLayout) -> jax.Array:
-  b = layout.batch_ndim
-  kernel_shape = tuple(kernel_shape)
-  batch = kernel_shape[:b]
-  permuted = batch + layout.in_shape(kernel_shape) + layout.out_shape(kernel_shape)
-  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
-  inverse = [0] * len(perm)
-  for dst, src in enumerate(perm):
-    inverse[src] = dst
-  return jnp.transpose(matrix.reshape(permuted), inverse)
 
 
 def delta_kernel(lora_a: jax.Array, lora_b: jax.Array, layout: KernelLayout) -> jax.Array:
@@ -117,7 +98,7 @@ def _rewrite_init(kernel, layout, rank, scale, init, key, is_embedding, path):
   """PiSSA / OLoRA: adapters from the kernel's factors, base kernel := residual."""
   if is_embedding:
     raise ValueError(f"init={init!r} supports Dense-like kernels only, not the embedding at {path!r}.")
-  w = _to_matrix(kernel_value(kernel, jnp.float32), layout)
+  w = to_matrix(kernel_value(kernel, jnp.float32), layout)
   batch = w.shape[:-2]
   flat = w.reshape((-1,) + w.shape[-2:])
   keys = jax.random.split(key, flat.shape[0])
@@ -129,7 +110,7 @@ def _rewrite_init(kernel, layout, rank, scale, init, key, is_embedding, path):
     a, b, res = jax.vmap(lambda m, k: _pissa_matrix(m, rank, scale, niter, k))(flat, keys)
   a = a.reshape(batch + a.shape[-2:])
   b = b.reshape(batch + b.shape[-2:])
-  res = _from_matrix(res.reshape(batch + res.shape[-2:]), kernel.shape, layout)
+  res = from_matrix(res.reshape(batch + res.shape[-2:]), kernel.shape, layout)
   return a, b, res
 
 
@@ -215,7 +196,6 @@ def lora_transform(
     elif init == "gaussian":
       lora_a, lora_b = _init_gaussian(module_key, rank, a_shape, b_shape, dtype, is_embedding)
     elif init == "loftq":
-      from peft_jax.quant import loftq  # pylint: disable=import-outside-toplevel
       qkernel, lora_a, lora_b = loftq.loftq_for_kernel(
           kernel, layout, rank, config.loftq_iter, path=path)
       flat[weight] = qkernel
