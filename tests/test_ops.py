@@ -397,3 +397,24 @@ def test_checkpoint_roundtrip_of_weight_sites(tmp_path):
   assert restored_config == config
   for path, value in targeting.flatten(adapters["params"]).items():
     np.testing.assert_array_equal(targeting.flatten(restored["params"])[path], value)
+
+
+def test_mixed_batch_custom_twin_matches_builtin():
+  x = jax.random.normal(jax.random.key(3), (3, 2, 16))
+  library, clibrary = {}, {}
+  for k, method in enumerate(("lora", "rslora")):
+    config = _configs()[method].replace(rank=2 + k)
+    params = _builtin_params(config)
+    library[method] = multitask.TaskAdapter(pj.split(params)[0], config)
+    clibrary[method] = multitask.TaskAdapter(pj.split(_to_custom(params))[0], config)
+  base = pj.split(params)[1]
+  names = ["rslora", None, "lora"]
+  stack, cstack = multitask.stack_adapters(library), multitask.stack_adapters(clibrary)
+  with multitask.mixed_adapters(stack.index(names)):
+    want = Net(custom=False).apply(multitask.attach(base, stack), x)
+  with multitask.mixed_adapters(cstack.index(names)):
+    got = Net(custom=True).apply(multitask.attach(_to_custom(base), cstack), x)
+  np.testing.assert_allclose(got, want, **TOL)
+  params, config = multitask.with_adapter(base, library, "rslora")
+  with pj.intercept(config):
+    np.testing.assert_allclose(want[:1], Net(custom=False).apply(params, x[:1]), rtol=1e-5, atol=1e-6)
