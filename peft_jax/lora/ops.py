@@ -146,8 +146,7 @@ class _View(core.Tracer):
   def __init__(self, trace, raw, key, spec, perm, cast, dense=None):
     shape = tuple(raw.shape)
     self.perm = tuple(range(len(shape))) if perm is None else tuple(perm)
-    dtype = cast or (raw.compute_dtype if is_quantized(raw) and getattr(raw, "compute_dtype", None)
-                     else raw.dtype)
+    dtype = cast or raw.dtype
     aval = core.ShapedArray(tuple(shape[p] for p in self.perm), jnp.dtype(dtype))
     super().__init__(trace, aval)
     self.raw, self.key, self.spec, self.cast, self._dense = raw, key, spec, cast, dense
