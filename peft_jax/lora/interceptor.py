@@ -26,6 +26,7 @@ import jax.numpy as jnp
 
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.nnx_guard import guard as nnx_guard
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 
 _SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -226,7 +227,7 @@ def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = 
     with peft_jax.intercept(config):
       logits = model.apply({"params": params}, tokens, rngs={"dropout": key})
   """
-  with nn.intercept_methods(_Interceptor(config, deterministic, quant_impl, quant_platform)):
+  with nn.intercept_methods(_Interceptor(config, deterministic, quant_impl, quant_platform)), nnx_guard():
     yield
 
 
