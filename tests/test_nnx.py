@@ -385,6 +385,11 @@ def test_silent_cases_raise():
     nmodel(tokens)
   del nmodel.lm_head.lora_a, nmodel.lm_head.lora_b
   pj.nnx.check(nmodel)
+  kernel = nmodel.lm_head.kernel.get_value()
+  nmodel.lm_head.kernel.set_value(pj.quantize({"m": {"kernel": kernel}})["m"]["kernel"])
+  with pytest.raises(TypeError, match="peft_jax.nnx.quantize"), pj.intercept(None):
+    nmodel(tokens)
+  nmodel.lm_head.kernel.set_value(kernel)
 
   # A layer peft_jax.nnx cannot run is refused at transform time, naming it.
   class Custom(nnx.Module):

@@ -3,8 +3,9 @@
 Linen interceptors never see NNX modules, so inside :func:`intercept` a
 plain ``nnx.Linear`` (``LinearGeneral``, ``Einsum``, ``Conv``, ``Embed``)
 holding adapter leaves attached by hand would run without them (output
-change 0). While the guard is active those built-ins' ``__call__`` refuse
-such a layer. Layers adapted by :func:`peft_jax.nnx.lora_transform` (their
+change 0), and one holding an ``NF4Array`` kernel set by hand would fail
+deep inside its product. While the guard is active those built-ins'
+``__call__`` refuse such a layer with a message saying what to do. Layers adapted by :func:`peft_jax.nnx.lora_transform` (their
 classes carry :data:`PEFT_MARKER`) run their adapters themselves.
 """
 
@@ -45,6 +46,14 @@ def _guarded(cls, original):
           f"adapter leaves {idle} that its __call__ ignores (they would train nothing). "
           "Attach adapters with peft_jax.nnx.lora_transform / load_adapters; "
           "peft_jax.nnx.check(model) names the paths.")
+    if not any(PEFT_MARKER in vars(c) for c in type(self).__mro__):
+      value = getattr(self, "kernel", None)
+      value = value.get_value() if isinstance(value, nnx.Variable) else None
+      if hasattr(value, "dequantize"):
+        raise TypeError(
+            f"An nnx.{cls.__name__} holds a quantized kernel ({type(value).__name__}) its "
+            "__call__ cannot run: quantize NNX models with peft_jax.nnx.quantize or "
+            "peft_jax.nnx.apply_qlora.")
     return original(self, *args, **kwargs)
   return __call__
 
