@@ -34,7 +34,7 @@ from peft_jax.lora import (
 )
 from peft_jax.merging import combine_adapters, prune_lora_adapters, task_arithmetic
 from peft_jax.quant import NF4, FP4, NF4Array, quantize, dequantize, nf4_matmul
-from peft_jax.quant.interop import merge_into_quantized
+from peft_jax.lora.merge import merge_into_quantized
 from peft_jax.qlora import QLoRAConfig, apply_qlora
 from peft_jax import nnx  # Flax NNX models (peft_jax.nnx)
 

@@ -27,10 +27,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.linen import module as linen_module
 
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
+from peft_jax.quant.matmul import nf4_matmul
 
 BUILTINS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
 
@@ -92,7 +94,6 @@ def plain_class(cls: type) -> type:
 
 def _intercept_options() -> tuple[Any, str | None, str | None]:
   """``(config, quant_impl, quant_platform)`` of an enclosing ``peft_jax.intercept``."""
-  from flax.linen import module as linen_module  # pylint: disable=import-outside-toplevel
   stack = getattr(linen_module, "_global_interceptor_stack", ())  # pylint: disable=protected-access
   for interceptor in reversed(list(stack)):
     if hasattr(interceptor, "quant_impl") and hasattr(interceptor, "config"):
@@ -133,7 +134,6 @@ def _bias(module):
 
 def _quantized_base(module, kernel, args, kwargs, impl, platform):
   """The module's output with its NF4 kernel (never dequantized whole for Linear)."""
-  from peft_jax.quant.matmul import nf4_matmul  # pylint: disable=import-outside-toplevel
   x = _input(args, kwargs)
   dtype = _compute_dtype(module, x, kernel)
   x = x.astype(dtype)

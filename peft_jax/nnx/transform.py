@@ -18,16 +18,19 @@ import jax
 from flax import nnx
 
 from peft_jax import targeting
+from peft_jax.checkpoint.orbax import check_adapters_fit
 from peft_jax.lora import adalora as adalora_lib
 from peft_jax.lora import layout as layout_lib
-from peft_jax.lora.merge import merge as linen_merge
 from peft_jax.lora import transform as transform_lib
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.merge import merge as linen_merge
+from peft_jax.lora.merge import merge_into_quantized
 from peft_jax.lora.nnx_guard import idle_adapters
 from peft_jax.lora.tree import is_adapter_path
 from peft_jax.nnx import modules as modules_lib
 from peft_jax.nnx import state as state_lib
 from peft_jax.nnx.state import Adapter
+from peft_jax.qlora import apply_qlora as linen_apply_qlora
 from peft_jax.quant import tree as quant_tree
 from peft_jax.quant.nf4 import NF4, is_quantized
 
@@ -210,7 +213,6 @@ def quantize(model: nnx.Module, spec: NF4 = NF4(), target_modules: targeting.Tar
 
 def apply_qlora(model: nnx.Module, config, *, key: jax.Array, **kwargs) -> nnx.Module:
   """QLoRA on an NNX model: quantize the base (``config.quant_spec()``), then add adapters."""
-  from peft_jax.qlora import apply_qlora as linen_apply_qlora  # pylint: disable=import-outside-toplevel
   params = state_lib.params(model)
   new = linen_apply_qlora(params, config, key=key, layouts=_layouts(model, kwargs.pop("layouts", None)))
   return sync(model, new, config, rngs=_dropout_rngs(config, key, kwargs.pop("rngs", None)))
@@ -231,7 +233,7 @@ def merge(model: nnx.Module, *, requantize: NF4 | None = None) -> nnx.Module:
   ``W' = W + s B A`` (DoRA: rescaled to the magnitude), as
   :func:`peft_jax.merge`. An NF4 kernel merges into a dense kernel of its
   compute dtype, or, with ``requantize``, into a new NF4 kernel of that spec
-  (as :func:`peft_jax.quant.merge_into_quantized`).
+  (as :func:`peft_jax.merge_into_quantized`).
   """
   config = model_config(model)
   if config is None:
@@ -241,7 +243,6 @@ def merge(model: nnx.Module, *, requantize: NF4 | None = None) -> nnx.Module:
   if requantize is None:
     new = linen_merge(params, config, **kwargs)
   else:
-    from peft_jax.quant.interop import merge_into_quantized  # pylint: disable=import-outside-toplevel
     new, _ = merge_into_quantized(params, config, requantize, **kwargs)
   return sync(model, new, None)
 
@@ -255,7 +256,6 @@ def load_adapters(model: nnx.Module, adapters: Mapping[str, Any], config: LoRACo
     ValueError: listing every adapter that does not fit the model (path,
       shape, rank), or when the model already holds adapters.
   """
-  from peft_jax.checkpoint.orbax import check_adapters_fit  # pylint: disable=import-outside-toplevel
   if model_config(model) is not None:
     raise ValueError("This model already holds adapters: merge them first.")
   params = state_lib.params(model)
