@@ -391,19 +391,6 @@ def test_silent_cases_raise():
     nmodel(tokens)
   nmodel.lm_head.kernel.set_value(kernel)
 
-  # A layer peft_jax.nnx cannot run is refused at transform time, naming it.
-  class Custom(nnx.Module):
-
-    def __init__(self, rngs):
-      self.kernel = nnx.Param(jax.random.normal(rngs.params(), (D, D)))
-
-    def __call__(self, x):
-      return x @ self.kernel[...]
-
-  nmodel.custom = Custom(nnx.Rngs(0))
-  with pytest.raises(ValueError, match="custom"):
-    pj.nnx.lora_transform(nmodel, pj.LoRAConfig(target_modules=("custom",)), key=jax.random.key(0))
-
   # A different config inside intercept would silently be ignored: refused.
   config = pj.LoRAConfig(rank=2, target_modules=("q_proj",))
   _, _, nmodel, tokens = _twins()
@@ -442,3 +429,108 @@ def test_lora_transform_on_state_and_pissa_on_model():
   pj.nnx.lora_transform(nmodel, config.replace(init="pissa"), key=jax.random.key(0))
   _close(nmodel(tokens), y, 1e-4)  # PiSSA rewrote the kernels to residuals: same output
   assert float(jnp.abs(nmodel.lm_head.kernel.get_value() - lparams["lm_head"]["kernel"]).max()) > 1e-3
+
+
+class LCustom(nn.Module):
+  """Gemma/MaxText style: raw params, products through einsum, @ and dot_general."""
+
+  @nn.compact
+  def __call__(self, x):
+    w_gate = self.param("w_gate", nn.initializers.normal(0.3), (D, 8))
+    w_out = self.param("w_out", nn.initializers.normal(0.3), (8, D))
+    kernel = self.param("kernel", nn.initializers.normal(0.3), (D, D))
+    h = jax.nn.gelu(jnp.einsum("btd,df->btf", x, w_gate)) @ w_out
+    return h + jax.lax.dot_general(x, kernel, (((2,), (0,)), ((), ())))
+
+
+class LCustomModel(nn.Module):
+
+  @nn.compact
+  def __call__(self, x):
+    return LCustom(name="ffw")(nn.Dense(D, name="proj")(x))
+
+
+class NCustom(nnx.Module):
+
+  def __init__(self, rngs):
+    self.w_gate = nnx.Param(jax.random.normal(rngs.params(), (D, 8)))
+    self.w_out = nnx.Param(jax.random.normal(rngs.params(), (8, D)))
+    self.kernel = nnx.Param(jax.random.normal(rngs.params(), (D, D)))
+
+  def __call__(self, x):
+    h = jax.nn.gelu(jnp.einsum("btd,df->btf", x, self.w_gate[...])) @ self.w_out[...]
+    return h + jax.lax.dot_general(x, self.kernel[...], (((2,), (0,)), ((), ())))
+
+
+class NCustomModel(nnx.Module):
+
+  def __init__(self, rngs):
+    self.proj = nnx.Linear(D, D, rngs=rngs)
+    self.ffw = NCustom(rngs)
+
+  def __call__(self, x):
+    return self.ffw(self.proj(x))
+
+
+@pytest.mark.parametrize("use_dora", [False, True])
+def test_custom_nnx_module_twin_of_custom_linen_module(use_dora):
+  config = pj.LoRAConfig(rank=2, alpha=4.0, target_modules=("ffw", "w_gate", "w_out", "proj"),
+                         weight_names=("kernel", "embedding", "w_gate", "w_out"), use_dora=use_dora)
+  x = jax.random.normal(jax.random.key(1), (2, T, D))
+  lmodel = LCustomModel()
+  lparams = lmodel.init(jax.random.key(0), x)["params"]
+  nmodel = NCustomModel(nnx.Rngs(0))
+  pj.nnx.sync(nmodel, lparams, None)
+  _close(lmodel.apply({"params": lparams}, x), nmodel(x))
+  adapted = pj.lora_transform(lparams, config, key=jax.random.key(3))
+  adapted = jax.tree_util.tree_map_with_path(
+      lambda p, v: v + 0.05 if "lora_b" in jax.tree_util.keystr(p) else v, adapted)
+  adapters, base = pj.split(adapted)
+  assert "w_gate_lora" in adapters["ffw"] and "lora_a" in adapters["ffw"]
+  pj.nnx.load_adapters(nmodel, adapters, config)
+  assert type(nmodel.ffw).__name__ == "PeftNCustom"
+  with pj.intercept(config):
+    y_linen = lmodel.apply({"params": adapted}, x)
+  _close(y_linen, nmodel(x), 1e-5)
+  loss_l = lambda a: jnp.mean(lmodel.apply({"params": pj.combine(base, a)}, x) ** 2)
+  with pj.intercept(config):
+    g_linen = targeting.flatten(jax.grad(loss_l)(adapters))
+  g_nnx = nnx.grad(lambda m: jnp.mean(m(x) ** 2), argnums=nnx.DiffState(0, pj.nnx.Adapter))(nmodel)
+  g_nnx = targeting.flatten(pj.nnx.state.to_linen(g_nnx)[0])
+  assert sorted(g_nnx) == sorted(g_linen)
+  for path, g in g_linen.items():
+    _close(g, g_nnx[path], 1e-5)
+  traces = []
+
+  @nnx.jit
+  def forward(model, x):
+    traces.append(1)
+    return model(x)
+
+  _close(forward(nmodel, x), y_linen, 1e-5)
+  forward(nmodel, x + 1.0)
+  assert len(traces) == 1
+  merged = targeting.flatten(pj.merge(adapted, config))
+  pj.nnx.merge(nmodel)
+  assert type(nmodel.ffw) is NCustom and not hasattr(nmodel.ffw, "w_gate_lora")
+  flat = targeting.flatten(pj.nnx.params(nmodel))
+  assert sorted(flat) == sorted(merged)
+  for path, value in merged.items():
+    _close(value, flat[path], 1e-5)
+
+
+def test_custom_nnx_weight_outside_a_product_raises_naming_it():
+
+  class Scaled(nnx.Module):
+
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (D, D)))
+
+    def __call__(self, x):
+      return x * jnp.sum(self.w[...])  # the weight never enters a product
+
+  model = Scaled(nnx.Rngs(0))
+  config = pj.LoRAConfig(rank=2, target_modules=("w",), weight_names=("kernel", "embedding", "w"))
+  pj.nnx.lora_transform(model, config, key=jax.random.key(0))
+  with pytest.raises(ValueError, match="'w'.*added nothing"):
+    model(jnp.ones((2, D)))

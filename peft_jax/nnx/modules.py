@@ -30,6 +30,7 @@ from flax import nnx
 from flax.linen import module as linen_module
 
 from peft_jax.lora import layout as layout_lib
+from peft_jax.lora import ops
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 from peft_jax.quant.matmul import nf4_matmul
@@ -69,13 +70,16 @@ def _peft_call(self, *args, **kwargs):
   return adapted_call(self, super(type(self), self).__call__, args, kwargs)
 
 
+def _subclass(base: type, call) -> type:
+  if is_peft_class(base):
+    return base
+  return type(f"Peft{base.__name__}", (base,), {"__module__": __name__, "__call__": call, PEFT_MARKER: base})
+
+
 @functools.cache
 def peft_class(base: type) -> type:
   """``Peft<Name>``: the built-in ``base`` running its adapters (one class per base)."""
-  if is_peft_class(base):
-    return base
-  return type(f"Peft{base.__name__}", (base,),
-              {"__module__": __name__, "__call__": _peft_call, PEFT_MARKER: base})
+  return _subclass(base, _peft_call)
 
 
 def is_peft_class(cls: type) -> bool:
@@ -252,3 +256,85 @@ def adapted_call(module, base_call, args, kwargs):
   mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
   extra = mul(x_w0.astype(adapter_dtype), g - 1) + mul(scale * lora, g)
   return base_out + extra.astype(base_out.dtype)
+
+
+# -- any other module: op-level adapters ------------------------------------------
+def _op_peft_call(self, *args, **kwargs):
+  """A custom layer's ``__call__`` with adapter terms on every product of its weights."""
+  return op_call(self, super(type(self), self).__call__, args, kwargs)
+
+
+@functools.cache
+def op_class(base: type) -> type:
+  """``Peft<Name>`` for a custom module: its weights' products get adapter terms."""
+  return _subclass(base, _op_peft_call)
+
+
+def weight_sites(module) -> dict[str, nnx.Module | None]:
+  """``{weight name: adapter site}`` of a module's adapted weights (see
+  :mod:`peft_jax.targeting`): the module itself for ``kernel``/``embedding``,
+  the ``<weight>_lora`` dict for another weight."""
+  sites = {}
+  for name, value in vars(module).items():
+    if not isinstance(value, nnx.Param) or isinstance(value, nnx.LoRAParam):
+      continue
+    if name in ("kernel", "embedding") and isinstance(getattr(module, "lora_a", None), nnx.Variable):
+      sites[name] = module
+    elif isinstance(getattr(module, name + "_lora", None), nnx.Dict):
+      sites[name] = getattr(module, name + "_lora")
+  return sites
+
+
+def _site_leaf(site, name):
+  var = site.get(name) if isinstance(site, nnx.Dict) else getattr(site, name, None)
+  return None if var is None else var.get_value()
+
+
+def _dropout_key(module):
+  dropout = getattr(module, "lora_dropout", None)
+  if dropout is None or dropout.deterministic:
+    return None
+  return dropout.rngs
+
+
+def op_call(module, base_call, args, kwargs):
+  """Runs ``base_call`` with views of the module's adapted (and quantized) weights
+  (:func:`peft_jax.lora.ops.run`); raises when an adapter added nothing."""
+  _, impl, platform = _intercept_options()
+  config, path = module.lora_config, module.lora_path
+  weights = {}
+  for name, site in weight_sites(module).items():
+    target = path if name in ("kernel", "embedding") else "/".join(filter(None, (path, name)))
+    lora_a, lora_e = _site_leaf(site, "lora_a"), _site_leaf(site, "lora_e")
+    rank = lora_a.shape[-1]
+    if lora_e is None and rank != config.rank_for(target):
+      raise ValueError(f"Adapters at {target!r} have rank {rank} but the config gives rank "
+                       f"{config.rank_for(target)}: the config does not fit these adapters.")
+    spec = ops.AdapterSpec(lora_a, _site_leaf(site, "lora_b"), config.scale_for(target, rank),
+                           _site_leaf(site, "lora_magnitude"), lora_e, config.dropout,
+                           _dropout_key(module))
+    weights[name] = ops.WeightSpec(getattr(module, name).get_value(), spec, path=target)
+  for name, value in vars(module).items():
+    if name not in weights and isinstance(value, nnx.Param) and is_quantized(value.get_value()):
+      weights[name] = ops.WeightSpec(value.get_value(), None, path="/".join(filter(None, (path, name))))
+
+  def run(views):
+    saved = {name: getattr(module, name).get_value() for name in views}
+    try:
+      for name, view in views.items():
+        getattr(module, name).set_value(view)
+      return base_call(*args, **kwargs)
+    finally:
+      for name, value in saved.items():
+        getattr(module, name).set_value(value)
+
+  out, report = ops.run(run, weights, quant_impl=impl, quant_platform=platform)
+  idle = sorted(weights[k].path for k in weights
+                if weights[k].adapter is not None and k not in report.contributed)
+  if idle:
+    uses = {weights[k].path: report.other_uses.get(k, []) for k in weights}
+    raise ValueError(
+        f"The adapters of {idle} added nothing: no product (einsum, dot, matmul, "
+        f"dot_general) of {type(module).__name__}.__call__ used the adapted weight "
+        f"(other uses: {uses}). They would train nothing.")
+  return out

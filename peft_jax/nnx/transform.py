@@ -57,21 +57,60 @@ def layouts(model: nnx.Module) -> dict[str, layout_lib.KernelLayout]:
   return found
 
 
+def _owner(module_path: str) -> str:
+  """The module that runs an adapter site or weight: ``m/w_lora`` -> ``m``."""
+  if module_path.endswith(targeting.SITE_SUFFIX):
+    return targeting.split_path(module_path)[0]
+  return module_path
+
+
 def _adapter_holders(flat: Mapping[str, Any]) -> set[str]:
-  return {targeting.split_path(p)[0] for p in flat if p.endswith("/lora_a")}
+  return {_owner(targeting.split_path(p)[0]) for p in flat if p.endswith("/lora_a")}
 
 
 def _check_supported(mods, holders: set[str], quantized: set[str]) -> None:
   for path in sorted(holders | quantized):
     module = mods.get(path)
-    if not isinstance(module, modules_lib.BUILTINS):
-      raise ValueError(
-          f"Adapters or a quantized kernel at {path!r} would sit in a "
-          f"{type(module).__name__}, which peft_jax.nnx cannot run (supported: "
-          "nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed): they would "
-          "contribute nothing. Exclude it from target_modules.")
     if isinstance(module, nnx.LinearGeneral) and module.batch_axis:
       raise ValueError(f"LoRA on nnx.LinearGeneral with batch_axis is not supported ({path!r}).")
+    if isinstance(module, (nnx.List, nnx.Dict)) or not callable(module):
+      raise ValueError(
+          f"Adapters or a quantized weight at {path!r} would sit in a "
+          f"{type(module).__name__}, which has no __call__ to run them: they would "
+          "contribute nothing. Exclude it from target_modules.")
+
+
+def _site(mods, module_path: str, create: bool):
+  """The module or ``<weight>_lora`` dict holding the leaves of ``module_path``."""
+  if module_path in mods or not module_path.endswith(targeting.SITE_SUFFIX):
+    return mods.get(module_path)
+  parent, name = targeting.split_path(module_path)
+  owner = mods.get(parent)
+  if owner is None:
+    return None
+  if create and not isinstance(getattr(owner, name, None), nnx.Dict):
+    setattr(owner, name, nnx.Dict())
+  site = getattr(owner, name, None)
+  mods[module_path] = site
+  return site
+
+
+def _set_leaf(site, name, value):
+  if isinstance(site, nnx.Dict):
+    site[name] = value
+  else:
+    setattr(site, name, value)
+
+
+def _del_leaf(mods, module_path, name):
+  site = mods[module_path]
+  if isinstance(site, nnx.Dict):
+    del site[name]
+    if not len(site):
+      parent, attr = targeting.split_path(module_path)
+      delattr(mods[parent], attr)
+  else:
+    delattr(site, name)
 
 
 def _reclass(module, path: str, config: LoRAConfig | None, adapted: bool, quantized: bool,
@@ -84,7 +123,9 @@ def _reclass(module, path: str, config: LoRAConfig | None, adapted: bool, quanti
         if name in vars(module):
           delattr(module, name)
     return
-  module.__class__ = modules_lib.peft_class(cls)
+  builtin = isinstance(module, modules_lib.BUILTINS) and not any(
+      isinstance(getattr(module, n, None), nnx.Dict) for n in vars(module))
+  module.__class__ = (modules_lib.peft_class if builtin else modules_lib.op_class)(cls)
   module.lora_path = path
   module.lora_config = config if adapted else None
   dropout = config.dropout if adapted and config is not None else 0.0
@@ -108,30 +149,31 @@ def sync(model: nnx.Module, params: Mapping[str, Any], config: LoRAConfig | None
   old = state_lib.variables(model)
   mods = state_lib.modules(model)
   for path in sorted(set(new) ^ set(old)):
-    if targeting.split_path(path)[1] not in targeting.ADAPTER_LEAVES:
+    module_path, name = targeting.split_path(path)
+    if name not in targeting.ADAPTER_LEAVES:
       what = "added to" if path in new else "missing from"
       raise ValueError(f"The base leaf {path!r} would be {what} the NNX model; only adapter "
                        "leaves can be added or removed.")
-    if targeting.split_path(path)[0] not in mods:
+    if _owner(module_path) not in mods:
       raise ValueError(f"Adapter leaf {path!r} has no module at that path in the NNX model.")
   holders = _adapter_holders(new)
-  quantized = {targeting.split_path(p)[0] for p, v in new.items() if is_quantized(v)}
+  quantized = {_owner(targeting.split_path(p)[0]) for p, v in new.items() if is_quantized(v)}
   _check_supported(mods, holders, quantized)
   if holders and config is None:
     raise ValueError("Adapters need their LoRAConfig.")
-  for path in old.keys() - new.keys():
-    module_path, name = targeting.split_path(path)
-    delattr(mods[module_path], name)
+  for path in sorted(old.keys() - new.keys()):
+    _del_leaf(mods, *targeting.split_path(path))
   for path, value in new.items():
     module_path, name = targeting.split_path(path)
     var = old.get(path)
     if var is None:
       kind = Adapter if is_adapter_path(path, config) else nnx.Param
-      setattr(mods[module_path], name, kind(value))
+      _set_leaf(_site(mods, module_path, create=True), name, kind(value))
     elif var.get_value() is not value:
-      getattr(mods[module_path], name).set_value(value)
-  for path, module in mods.items():
-    if isinstance(module, modules_lib.BUILTINS):
+      site = _site(mods, module_path, create=False)
+      (site[name] if isinstance(site, nnx.Dict) else getattr(site, name)).set_value(value)
+  for path, module in state_lib.modules(model).items():
+    if path in holders or path in quantized or modules_lib.is_peft_module(module):
       _reclass(module, path, config, path in holders, path in quantized, rngs)
   return model
 
@@ -274,10 +316,15 @@ def check(model: nnx.Module) -> None:
   ``nnx.Linear`` would be ignored by its ``__call__``: output change 0.
   """
   idle = []
-  for path, module in state_lib.modules(model).items():
+  mods = state_lib.modules(model)
+  for path, module in mods.items():
     held = idle_adapters(module)
     if held:
       idle.append(f"{path or '<root>'} ({type(module).__name__}: {held})")
+    parent = mods.get(targeting.split_path(path)[0])
+    if (isinstance(module, nnx.Dict) and path.endswith(targeting.SITE_SUFFIX)
+        and not modules_lib.is_peft_module(parent)):
+      idle.append(f"{path} ({type(parent).__name__}: {sorted(module.keys())})")
   if idle:
     raise ValueError(
         "These modules hold adapter leaves that their __call__ never uses (they would "
