@@ -534,3 +534,28 @@ def test_custom_nnx_weight_outside_a_product_raises_naming_it():
   pj.nnx.lora_transform(model, config, key=jax.random.key(0))
   with pytest.raises(ValueError, match="'w'.*added nothing"):
     model(jnp.ones((2, D)))
+
+
+def test_layouts_traced_for_custom_nnx_modules():
+
+  class Heads(nnx.Module):  # a Gemma-style per-head projection: 3-D weight, interleaved axes
+
+    def __init__(self, rngs):
+      self.w = nnx.Param(jax.random.normal(rngs.params(), (4, D, 3)))
+
+    def __call__(self, x):
+      return jnp.einsum("btd,ndh->btnh", x, self.w[...])
+
+  model = Heads(nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(1), (2, T, D))
+  config = pj.LoRAConfig(rank=2, target_modules=("w",), weight_names=("kernel", "embedding", "w"))
+  found = pj.nnx.layouts(model, x, weight_names=config.weight_names)
+  assert found == {"w": pj.KernelLayout((1,), (0, 2))}
+  assert type(model) is Heads
+  y = model(x)
+  pj.nnx.lora_transform(model, config, key=jax.random.key(0), layouts=found)
+  assert model.w_lora["lora_a"].shape == (D, 2) and model.w_lora["lora_b"].shape == (2, 4, 3)
+  model.w_lora["lora_b"].set_value(model.w_lora["lora_b"].get_value() + 0.1)
+  a, b = model.w_lora["lora_a"].get_value(), model.w_lora["lora_b"].get_value()
+  want = y + config.scale_for("w") * jnp.einsum("btd,dr,rnh->btnh", x, a, b)
+  _close(model(x), want, 1e-5)

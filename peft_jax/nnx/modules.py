@@ -318,6 +318,21 @@ def op_call(module, base_call, args, kwargs):
     if name not in weights and isinstance(value, nnx.Param) and is_quantized(value.get_value()):
       weights[name] = ops.WeightSpec(value.get_value(), None, path="/".join(filter(None, (path, name))))
 
+  out, report = _run_with_views(module, base_call, args, kwargs, weights, impl, platform)
+  idle = sorted(weights[k].path for k in weights
+                if weights[k].adapter is not None and k not in report.contributed)
+  if idle:
+    uses = {weights[k].path: report.other_uses.get(k, []) for k in weights}
+    raise ValueError(
+        f"The adapters of {idle} added nothing: no product (einsum, dot, matmul, "
+        f"dot_general) of {type(module).__name__}.__call__ used the adapted weight "
+        f"(other uses: {uses}). They would train nothing.")
+  return out
+
+
+def _run_with_views(module, base_call, args, kwargs, weights, impl=None, platform=None):
+  """``base_call`` with the named weights of ``module`` replaced by ops views."""
+
   def run(views):
     saved = {name: getattr(module, name).get_value() for name in views}
     try:
@@ -328,13 +343,31 @@ def op_call(module, base_call, args, kwargs):
       for name, value in saved.items():
         getattr(module, name).set_value(value)
 
-  out, report = ops.run(run, weights, quant_impl=impl, quant_platform=platform)
-  idle = sorted(weights[k].path for k in weights
-                if weights[k].adapter is not None and k not in report.contributed)
-  if idle:
-    uses = {weights[k].path: report.other_uses.get(k, []) for k in weights}
-    raise ValueError(
-        f"The adapters of {idle} added nothing: no product (einsum, dot, matmul, "
-        f"dot_general) of {type(module).__name__}.__call__ used the adapted weight "
-        f"(other uses: {uses}). They would train nothing.")
+  return ops.run(run, weights, quant_impl=impl, quant_platform=platform)
+
+
+# -- layout discovery for custom modules ------------------------------------------
+_RECORDED: dict[str, layout_lib.KernelLayout] = {}
+
+
+def _record_call(self, *args, **kwargs):
+  """Runs a custom module, recording the layout of each candidate weight's first product."""
+  weights = {name: ops.WeightSpec(var.get_value(), None, path=target)
+             for name, var, target in _candidates(self, self.lora_weight_names, self.lora_path)}
+  out, report = _run_with_views(self, super(type(self), self).__call__, args, kwargs, weights)
+  for key, layouts in report.products.items():
+    _RECORDED.setdefault(weights[key].path, layouts[0])
   return out
+
+
+@functools.cache
+def recorder_class(base: type) -> type:
+  return type(f"Record{base.__name__}", (base,), {"__module__": __name__, "__call__": _record_call})
+
+
+def _candidates(module, weight_names, path):
+  for name, var in vars(module).items():
+    if (name in weight_names and isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam)
+        and len(getattr(var.get_value(), "shape", ())) >= 2):
+      target = path if name in ("kernel", "embedding") else "/".join(filter(None, (path, name)))
+      yield name, var, target

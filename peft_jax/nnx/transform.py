@@ -37,15 +37,22 @@ from peft_jax.quant.nf4 import NF4, is_quantized
 _STATIC = ("lora_config", "lora_path", "lora_dropout")
 
 
-def layouts(model: nnx.Module) -> dict[str, layout_lib.KernelLayout]:
-  """Kernel layouts of the model's built-in layers, read off their attributes.
+def layouts(model: nnx.Module, *args, weight_names=targeting.KERNEL_LEAVES,
+            **kwargs) -> dict[str, layout_lib.KernelLayout]:
+  """Kernel layouts of the model's layers, for :func:`lora_transform`.
 
-  Stacked layers (``nnx.vmap``-created, run with ``nnx.scan``) get their
-  leading layer axes as batch axes. ``nnx.Einsum`` layers that take their
-  equation at call time are absent: pass their layouts yourself.
+  Built-in layers' layouts are read off their attributes. With sample inputs
+  ``args``/``kwargs`` the model is also traced abstractly (``nnx.eval_shape``:
+  no FLOPs) and every custom module's weights named in ``weight_names`` get
+  the layout of their first product (contracted axes = input axes), as
+  :func:`peft_jax.kernel_layouts` does for linen. Stacked layers
+  (``nnx.vmap``-created, run with ``nnx.scan``) get their leading layer axes
+  as batch axes. ``nnx.Einsum`` layers that take their equation at call time
+  need sample inputs.
   """
   found = {}
-  for path, module in state_lib.modules(model).items():
+  mods = state_lib.modules(model)
+  for path, module in mods.items():
     if not isinstance(module, modules_lib.BUILTINS):
       continue
     layout = modules_lib.builtin_layout(module)
@@ -54,7 +61,36 @@ def layouts(model: nnx.Module) -> dict[str, layout_lib.KernelLayout]:
       continue
     batch = len(var.get_value().shape) - layout.kernel_ndim
     found[path] = layout_lib.KernelLayout(layout.in_axes, layout.out_axes, batch)
+  if args or kwargs:
+    found.update(_traced_layouts(model, mods, tuple(weight_names), args, kwargs))
   return found
+
+
+def _traced_layouts(model, mods, weight_names, args, kwargs):
+  swapped = {}
+  for path, module in mods.items():
+    if (not isinstance(module, modules_lib.BUILTINS + (nnx.List, nnx.Dict))
+        and not modules_lib.is_peft_module(module)
+        and any(modules_lib._candidates(module, weight_names, path))):  # pylint: disable=protected-access
+      swapped[path] = type(module)
+      module.__class__ = modules_lib.recorder_class(type(module))
+      module.lora_path, module.lora_weight_names = path, weight_names
+  modules_lib._RECORDED.clear()  # pylint: disable=protected-access
+  try:
+    nnx.eval_shape(lambda m: m(*args, **kwargs), model)
+    recorded = dict(modules_lib._RECORDED)  # pylint: disable=protected-access
+  finally:
+    for path, cls in swapped.items():
+      mods[path].__class__ = cls
+      del mods[path].lora_path, mods[path].lora_weight_names
+    modules_lib._RECORDED.clear()  # pylint: disable=protected-access
+  flat = targeting.flatten(state_lib.params(model))
+  out = {}
+  for target, layout in recorded.items():
+    weight = flat.get(f"{target}/kernel", flat.get(f"{target}/embedding", flat.get(target)))
+    out[target] = layout_lib.KernelLayout(layout.in_axes, layout.out_axes,
+                                          len(weight.shape) - layout.kernel_ndim)
+  return out
 
 
 def _owner(module_path: str) -> str:
