@@ -559,3 +559,16 @@ def test_layouts_traced_for_custom_nnx_modules():
   a, b = model.w_lora["lora_a"].get_value(), model.w_lora["lora_b"].get_value()
   want = y + config.scale_for("w") * jnp.einsum("btd,dr,rnh->btnh", x, a, b)
   _close(model(x), want, 1e-5)
+
+
+def test_apply_qlora_on_nnx_model():
+  config = pj.QLoRAConfig(rank=2, target_modules=("q_proj", "lm_head"),
+                          quantize_modules=("q_proj", "lm_head"), block_size=16,
+                          compute_dtype="float32")
+  lmodel, lparams, nmodel, tokens = _twins()
+  pj.nnx.apply_qlora(nmodel, config, key=jax.random.key(0))
+  assert isinstance(nmodel.layers[1].q_proj.kernel.get_value(), pj.NF4Array)
+  assert isinstance(nmodel.layers[1].q_proj.lora_a, pj.nnx.Adapter)
+  qparams = pj.quantize(lparams, config.quant_spec(), target_modules=("q_proj", "lm_head"))
+  with pj.intercept(None):
+    _close(lmodel.apply({"params": qparams}, tokens), nmodel(tokens))  # B = 0 at init
