@@ -112,16 +112,22 @@ def main(argv=None):
       return loss
     return run
 
+  compiled_stats = {n: {"flops": C.flops(steps[n][0]),
+                        "step_bytes": (C.memory_analysis(steps[n][0]) or {}).get("step_bytes")}
+                    for n in steps}
   timings = C.time_interleaved({n: runner(n) for n in steps}, reps=reps)
   result = {"machine": C.machine_info(), "model": "tiny" if args.quick else "bench",
             "batch": batch, "seq": seq, "reps": reps, "timings": timings,
-            "first_loss": losses,
+            "first_loss": losses, "compiled": compiled_stats,
             "custom_over_builtin": C.ratio(timings, "custom_einsum", "builtin"), "goal": GOAL}
   r = result["custom_over_builtin"]
   table = C.markdown_table(
       ["figure", "ratio (median)", "per-rep spread", "goal"],
       [["LoRA step, custom einsum Llama / built-in Llama", f"{r['ratio']:.3f}",
-        f"{r['paired_min']:.3f} - {r['paired_max']:.3f}", f"<= {GOAL}"]])
+        f"{r['paired_min']:.3f} - {r['paired_max']:.3f}", f"<= {GOAL}"],
+       ["compiled FLOPs, custom / built-in", f"{_over(compiled_stats, 'flops'):.4f}", "exact", ""],
+       ["step memory (memory_analysis), custom / built-in",
+        f"{_over(compiled_stats, 'step_bytes'):.4f}", "exact", ""]])
   text = (f"# Op-level adapters: custom-module Llama vs built-in\n\n{C.machine_line(result['machine'])}\n\n"
           f"{table}\n\nFirst-step losses (same weights): {losses}\n")
   print(text)
@@ -129,6 +135,11 @@ def main(argv=None):
   if out is not None:
     C.write_json(out / "ops.json", result)
     (out / "ops.md").write_text(text)
+
+
+def _over(stats, key):
+  a, b = stats["custom_einsum"][key], stats["builtin"][key]
+  return float("nan") if not a or not b else a / b
 
 
 if __name__ == "__main__":

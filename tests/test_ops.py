@@ -397,3 +397,52 @@ def test_checkpoint_roundtrip_of_weight_sites(tmp_path):
   assert restored_config == config
   for path, value in targeting.flatten(adapters["params"]).items():
     np.testing.assert_array_equal(targeting.flatten(restored["params"])[path], value)
+
+
+def test_mixed_batch_custom_twin_matches_builtin():
+  x = jax.random.normal(jax.random.key(3), (3, 2, 16))
+  library, clibrary = {}, {}
+  for k, method in enumerate(("lora", "rslora")):
+    config = _configs()[method].replace(rank=2 + k)
+    params = _builtin_params(config)
+    library[method] = multitask.TaskAdapter(pj.split(params)[0], config)
+    clibrary[method] = multitask.TaskAdapter(pj.split(_to_custom(params))[0], config)
+  base = pj.split(params)[1]
+  names = ["rslora", None, "lora"]
+  stack, cstack = multitask.stack_adapters(library), multitask.stack_adapters(clibrary)
+  with multitask.mixed_adapters(stack.index(names)):
+    want = Net(custom=False).apply(multitask.attach(base, stack), x)
+  with multitask.mixed_adapters(cstack.index(names)):
+    got = Net(custom=True).apply(multitask.attach(_to_custom(base), cstack), x)
+  np.testing.assert_allclose(got, want, **TOL)
+  params, config = multitask.with_adapter(base, library, "rslora")
+  with pj.intercept(config):
+    np.testing.assert_allclose(want[:1], Net(custom=False).apply(params, x[:1]), rtol=1e-5, atol=1e-6)
+
+
+class TorchLinear(nn.Module):
+  """PyTorch layout: ``weight`` is (out, in), used as ``x @ weight.T``."""
+
+  features: int
+
+  @nn.compact
+  def __call__(self, x):
+    weight = self.param("weight", nn.initializers.lecun_normal(), (self.features, x.shape[-1]))
+    return x @ weight.T
+
+
+def test_transposed_weight_layout_found_by_tracing_and_merged():
+  x = jax.random.normal(jax.random.key(0), (3, 6))
+  model = Single(lambda name: TorchLinear(4, name=name))
+  layouts = pj.kernel_layouts(model, x)
+  assert layouts["proj/weight"] == pj.KernelLayout((1,), (0,))
+  config = pj.LoRAConfig(rank=2, target_modules=("weight",), weight_names=("weight",))
+  params = pj.lora_transform(model.init(jax.random.key(1), x), config, key=jax.random.key(2),
+                             layouts=layouts)
+  params = jax.tree.map(lambda v: v + 0.1 if v.shape == (2, 4) else v, params)
+  assert params["params"]["proj"]["weight_lora"]["lora_a"].shape == (6, 2)
+  with pj.intercept(config):
+    adapted = model.apply(params, x)
+  merged = pj.merge(params, config, layouts=layouts)
+  np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-5, atol=1e-6)
+  assert float(jnp.abs(adapted - model.apply(pj.split(params)[1], x)).max()) > 1e-3

@@ -146,8 +146,7 @@ class _View(core.Tracer):
   def __init__(self, trace, raw, key, spec, perm, cast, dense=None):
     shape = tuple(raw.shape)
     self.perm = tuple(range(len(shape))) if perm is None else tuple(perm)
-    dtype = cast or (raw.compute_dtype if is_quantized(raw) and getattr(raw, "compute_dtype", None)
-                     else raw.dtype)
+    dtype = cast or raw.dtype
     aval = core.ShapedArray(tuple(shape[p] for p in self.perm), jnp.dtype(dtype))
     super().__init__(trace, aval)
     self.raw, self.key, self.spec, self.cast, self._dense = raw, key, spec, cast, dense
@@ -205,7 +204,11 @@ class _OpTrace(core.Trace):
       return self._product(args, params, views.index(True))
     if name == "convert_element_type" and params.get("sharding") is None:
       v = args[0]
-      return _View(self, v.raw, v.key, v.spec, v.perm, params["new_dtype"])
+      raw = v.raw
+      if v.cast is not None:  # a second cast: keep the rounding of the first
+        with core.set_current_trace(self.parent):
+          raw = raw.dequantize(v.cast) if is_quantized(raw) else raw.astype(v.cast)
+      return _View(self, raw, v.key, v.spec, v.perm, params["new_dtype"])
     if name == "transpose":
       v = args[0]
       perm = tuple(v.perm[p] for p in params["permutation"])
