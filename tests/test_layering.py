@@ -21,6 +21,7 @@ ALLOWED = {
     "merging": {"targeting", "quant", "lora"},
     "multitask": {"targeting", "quant", "lora", "checkpoint"},
     "training": {"targeting", "quant", "lora", "models"},
+    "nnx": {"targeting", "quant", "lora", "qlora", "checkpoint"},
     "cli": None,  # the top: may import anything
     "__init__": None,
 }

@@ -37,6 +37,7 @@ from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora import ops, quantized
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.nnx_guard import guard as nnx_guard
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
@@ -427,7 +428,7 @@ def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = 
       logits = model.apply({"params": params}, tokens, rngs={"dropout": key})
   """
   interceptor = _Interceptor(config, deterministic, quant_impl, quant_platform, adapter_index)
-  with nn.intercept_methods(interceptor):
+  with nn.intercept_methods(interceptor), nnx_guard():
     yield
   interceptor.check()
 
