@@ -257,3 +257,104 @@ def test_270m_cache_file_is_checked(tmp_path):
     with pytest.raises(ValueError, match="SHA-256"):
         gemma3_270m_gguf_path(tmp_path)
     assert altered.read_bytes() == b"GGUF not really"  # never overwritten
+
+
+# --- GGUF conventions on a tiny file written as llama.cpp's converter would ---------
+
+_HF_TO_GGUF_LAYER = {
+    "input_layernorm": "attn_norm",
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "self_attn.q_norm": "attn_q_norm",
+    "self_attn.k_norm": "attn_k_norm",
+    "post_attention_layernorm": "post_attention_norm",
+    "pre_feedforward_layernorm": "ffn_norm",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "post_feedforward_layernorm": "post_ffw_norm",
+}
+
+
+def _write_tiny_gemma3_gguf(path, hf_config, state_dict, skip=()):
+    writer = gemma3_gguf.GGUFWriter(str(path), "gemma3")
+    writer.add_block_count(hf_config["num_hidden_layers"])
+    writer.add_context_length(hf_config["max_position_embeddings"])
+    writer.add_embedding_length(hf_config["hidden_size"])
+    writer.add_feed_forward_length(hf_config["intermediate_size"])
+    writer.add_head_count(hf_config["num_attention_heads"])
+    writer.add_head_count_kv(hf_config["num_key_value_heads"])
+    writer.add_key_length(hf_config["head_dim"])
+    writer.add_value_length(hf_config["head_dim"])
+    writer.add_rope_freq_base(1000.0)
+    writer.add_layer_norm_rms_eps(hf_config["rms_norm_eps"])
+    writer.add_sliding_window(hf_config["sliding_window"])
+    for name, tensor in state_dict.items():
+        array = np.asarray(tensor, np.float32)
+        if name.endswith("norm.weight"):
+            array = array + np.float32(1.0)  # the converter stores 1 + w
+        if name == "model.embed_tokens.weight":
+            gguf_name = "token_embd.weight"
+        elif name == "model.norm.weight":
+            gguf_name = "output_norm.weight"
+        else:
+            _, _, index, rest = name.split(".", 3)
+            gguf_name = f"blk.{index}.{_HF_TO_GGUF_LAYER[rest[: -len('.weight')]]}.weight"
+        if gguf_name not in skip:
+            writer.add_tensor(gguf_name, array)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
+
+
+def test_gguf_conventions_give_the_hf_model(tmp_path):
+    from peft_jax.models.gemma3_checkpoint import load_gemma3_gguf
+
+    hf_config, state_dict = read_hf_checkpoint(HF_TINY)
+    path = _write_tiny_gemma3_gguf(tmp_path / "tiny.gguf", hf_config, state_dict)
+    config, model = load_gemma3_gguf(path)
+    # What llama.cpp hard-codes: every sixth layer global (none of 3), local
+    # rotary base 10,000, queries scaled by head_dim.
+    assert config.layer_types == (SLIDING_ATTENTION,) * 3
+    assert (config.rope_theta, config.rope_local_theta) == (1000.0, 10000.0)
+    assert config.query_pre_attn_scalar == 16.0 and config.sliding_window == 4
+    _, hf_model = load_gemma3_hf(
+        HF_TINY,
+        layer_types=config.layer_types,
+        rope_local_theta=10000.0,
+        query_pre_attn_scalar=16.0,
+        final_logit_softcapping=None,
+    )
+    ours, theirs = gemma3_params(model), gemma3_params(hf_model)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=1e-6),
+        ours,
+        theirs,
+    )
+    ids = jnp.arange(3, 15)[None]
+    np.testing.assert_allclose(
+        np.asarray(model(ids)), np.asarray(hf_model(ids)), atol=1e-5, rtol=1e-5
+    )
+
+
+def test_gguf_errors_name_the_tensor(tmp_path):
+    from peft_jax.models.gemma3_checkpoint import load_gemma3_gguf
+
+    hf_config, state_dict = read_hf_checkpoint(HF_TINY)
+    path = _write_tiny_gemma3_gguf(
+        tmp_path / "tiny.gguf", hf_config, state_dict, skip=("blk.1.attn_k_norm.weight",)
+    )
+    with pytest.raises(ValueError, match="lacks tensors.*layers/1/self_attn/k_norm"):
+        load_gemma3_gguf(path)
+    with pytest.raises(ValueError, match="not 'gemma3'"):
+        from peft_jax.models.gemma3_checkpoint import gemma3_config_from_gguf
+
+        writer = gemma3_gguf.GGUFWriter(str(tmp_path / "llama.gguf"), "llama")
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.close()
+        gemma3_config_from_gguf(tmp_path / "llama.gguf")
