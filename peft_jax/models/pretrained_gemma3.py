@@ -33,7 +33,7 @@ import jax.numpy as jnp
 
 from peft_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM
 from peft_jax.models.gemma3_checkpoint import load_gemma3_gguf
-from peft_jax.models.gguf import open_gguf
+from peft_jax.models.gguf_reader import open_gguf_fast
 from peft_jax.models.tokenizer import PretrainedTokenizer, tokenizer_from_gguf
 
 __all__ = [
@@ -184,6 +184,6 @@ def load_gemma3_270m(
       FileNotFoundError: if the packages are not installed.
       ValueError: if the assembled file is not the expected one.
     """
-    reader = open_gguf(gemma3_270m_gguf_path(cache_dir))
+    reader = open_gguf_fast(gemma3_270m_gguf_path(cache_dir))
     config, model = load_gemma3_gguf(reader, dtype=dtype, **config_overrides)
     return PretrainedGemma3(config, model, tokenizer_from_gguf(reader))
