@@ -34,8 +34,9 @@ from peft_jax.lora import (
 )
 from peft_jax.merging import combine_adapters, prune_lora_adapters, task_arithmetic
 from peft_jax.quant import NF4, FP4, NF4Array, quantize, dequantize, nf4_matmul
-from peft_jax.quant.interop import merge_into_quantized
+from peft_jax.lora.merge import merge_into_quantized
 from peft_jax.qlora import QLoRAConfig, apply_qlora
+from peft_jax import nnx  # Flax NNX models (peft_jax.nnx)
 
 __version__ = "0.1.0"
 
@@ -45,6 +46,6 @@ __all__ = [
     "adapter_paths", "apply", "apply_dora", "apply_lora", "apply_qlora", "checkpoint",
     "combine", "combine_adapters", "dequantize", "export_peft", "import_peft", "intercept",
     "kernel_layouts", "load_lora_state_dict", "lora_transform", "merge", "merge_into_quantized",
-    "merge_lora", "merging", "multitask", "nf4_matmul", "optim", "prune_lora_adapters", "quant",
+    "merge_lora", "merging", "multitask", "nnx", "nf4_matmul", "optim", "prune_lora_adapters", "quant",
     "quantize", "save_lora_state_dict", "split", "targeting", "task_arithmetic", "unmerge",
 ]

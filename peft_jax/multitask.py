@@ -11,8 +11,9 @@ adapter tree beside the *same* base arrays (nothing is reloaded or copied)::
 Mixed-adapter batches serve many tasks in one call: :func:`stack_adapters`
 stacks K adapters (ranks zero-padded to the largest; a module an adapter
 does not touch gets zeros), :func:`attach` puts the stack beside the base
-kernels, and inside :func:`mixed_adapters` every ``nn.Dense`` and ``nn.Embed``
-holding a stack adds, for example ``b`` of the batch,
+kernels, and inside :func:`mixed_adapters` every module holding a stack
+(``nn.Dense``, ``nn.Embed``, ``DenseGeneral``, ``Einsum``, custom modules) adds,
+for example ``b`` of the batch,
 ``scale[k_b] * (x_b A[k_b]) B[k_b]`` with ``k_b = adapter_index[b]`` (a
 per-example gather of the stacked A and B, as in S-LoRA/Punica). Index ``-1``
 runs the base alone. Each row equals running it alone with its own adapter.
@@ -26,7 +27,6 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any, NamedTuple
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -157,7 +157,7 @@ def stack_adapters(library: Mapping[str, TaskAdapter], *,
         raise ValueError(f"Adapter {names[k]!r} holds {extra} at {module!r}: only LoRA/rsLoRA "
                          "adapters mix in one batch; merge DoRA adapters per task instead.")
     lora_a0, lora_b0 = present[0][1]["lora_a"], present[0][1]["lora_b"]
-    layout = (layouts or {}).get(module)
+    layout = (layouts or {}).get(module) or (layouts or {}).get(targeting.site_target(module))
     batch = layout.batch_ndim if layout is not None else lora_a0.ndim - 2
     lead, in_shape = lora_a0.shape[:batch], lora_a0.shape[batch:-1]
     out_shape = lora_b0.shape[batch + 1:]
@@ -185,45 +185,14 @@ def stack_adapters(library: Mapping[str, TaskAdapter], *,
 def attach(base_params: Mapping[str, Any], stack: AdapterStack) -> dict[str, Any]:
   """The base params with the stacked leaves beside their kernels."""
   base_inner, wrapped = targeting.unwrap_params(base_params)
-  kernels = targeting.adaptable_modules(base_inner)
+  base_flat = targeting.flatten(base_inner)
   missing = sorted(targeting.split_path(p)[0] for p in targeting.flatten(stack.leaves)
-                   if p.endswith("/lora_a_stack") and targeting.split_path(p)[0] not in kernels)
+                   if p.endswith("/lora_a_stack")
+                   and targeting.site_weight(base_flat, targeting.split_path(p)[0]) is None)
   if missing:
     raise ValueError(f"Stacked adapters for modules the base lacks: {missing}.")
   out = combine(base_inner, stack.leaves)
   return {"params": out} if wrapped else out
-
-
-class _MixedInterceptor:
-  """Adds each example's own adapter to ``nn.Dense``/``nn.Embed`` outputs."""
-
-  def __init__(self, adapter_index: jax.Array):
-    self.adapter_index = jnp.asarray(adapter_index, jnp.int32)
-
-  def __call__(self, next_fun, args, kwargs, context):
-    module = context.module
-    if (context.method_name != "__call__" or not isinstance(module, (nn.Dense, nn.Embed))
-        or module.scope is None or not module.has_variable("params", "lora_a_stack")):
-      return next_fun(*args, **kwargs)
-    base_out = next_fun(*args, **kwargs)
-    x = args[0] if args else kwargs["inputs"]
-    if x.shape[0] != self.adapter_index.shape[0]:
-      raise ValueError(f"adapter_index has {self.adapter_index.shape[0]} entries but the "
-                       f"input of {'/'.join(module.scope.path)!r} has batch {x.shape[0]}.")
-    a_stack = module.get_variable("params", "lora_a_stack")
-    b_stack = module.get_variable("params", "lora_b_stack")
-    scales = module.get_variable("params", "lora_scale_stack")
-    active = self.adapter_index >= 0
-    index = jnp.where(active, self.adapter_index, 0)
-    lora_a, lora_b = a_stack[index], b_stack[index]  # (batch, in, r), (batch, r, out)
-    scale = jnp.where(active, scales[index], 0.0)
-    if isinstance(module, nn.Embed):
-      hidden = jax.vmap(lambda a, ids: jnp.take(a, ids, axis=0))(lora_a, x)
-    else:
-      hidden = jnp.einsum("b...i,bir->b...r", x.astype(lora_a.dtype), lora_a)
-    lora = jnp.einsum("b...r,bro->b...o", hidden, lora_b)
-    lora = lora * scale.reshape((-1,) + (1,) * (lora.ndim - 1)).astype(lora.dtype)
-    return base_out + lora.astype(base_out.dtype)
 
 
 @contextlib.contextmanager
@@ -231,12 +200,18 @@ def mixed_adapters(adapter_index: jax.Array, config: LoRAConfig | None = None
                    ) -> Iterator[None]:
   """Runs a batch whose example ``b`` uses stacked adapter ``adapter_index[b]``.
 
-  Wraps :func:`peft_jax.intercept` (innermost, so quantized base kernels and
-  ordinary adapter leaves keep working) with an interceptor for the stacked
-  leaves of :func:`attach`. Serving only: no adapter dropout.
+  :func:`peft_jax.intercept` with the stacked leaves of :func:`attach`
+  active (quantized base kernels and ordinary adapter leaves keep working).
+  Every module kind of the single-adapter path mixes: ``nn.Dense`` and
+  ``nn.Embed`` directly, ``DenseGeneral``, ``Einsum`` and custom modules
+  through their products (:mod:`peft_jax.lora.ops`); ``nn.Conv`` refuses.
+  Serving only: no adapter dropout.
 
   Args:
     adapter_index: int ``(batch,)``; ``-1`` runs an example on the base alone.
+      Concrete indices outside ``[-1, K)`` raise; under ``jax.jit`` the
+      indices are traced and cannot be checked in Python, so those rows
+      come out NaN (check first with :meth:`AdapterStack.index`).
     config: config for ordinary adapters or a quantized base, if any.
 
   Example::
@@ -246,6 +221,5 @@ def mixed_adapters(adapter_index: jax.Array, config: LoRAConfig | None = None
     with mixed_adapters(stack.index(["task1", "task2", None])):
       logits = model.apply({"params": params}, tokens)
   """
-  with nn.intercept_methods(_MixedInterceptor(adapter_index)):
-    with intercept(config, deterministic=True):
-      yield
+  with intercept(config, deterministic=True, adapter_index=adapter_index):
+    yield

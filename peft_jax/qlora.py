@@ -14,9 +14,10 @@ from typing import Any
 
 import jax
 
+from peft_jax import targeting
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import lora_transform
-from peft_jax.quant import NF4, quantize
+from peft_jax.quant import NF4, is_quantized, quantize
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -66,8 +67,6 @@ def apply_qlora(params: Mapping[str, Any], config: QLoRAConfig, *, key: jax.Arra
   """
   if config.init == "loftq":
     params = lora_transform(params, config, key=key, layouts=layouts)
-    from peft_jax import targeting  # pylint: disable=import-outside-toplevel
-    from peft_jax.quant import is_quantized  # pylint: disable=import-outside-toplevel
     inner, _ = targeting.unwrap_params(params)
     already = {p.rsplit("/", 1)[0] for p, v in targeting.flatten(inner).items() if is_quantized(v)}
     rest = [m for m in targeting.select_modules(

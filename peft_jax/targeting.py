@@ -6,13 +6,21 @@ parameters, without a leading ``params`` collection name, e.g.
 ``kernel`` (``Dense``, ``DenseGeneral``, ``Einsum``, ``Conv``) or an
 ``embedding`` (``Embed``).
 
+Other weights (``w``, ``weight``, Gemma's ``gating_einsum``) are adaptable
+when named in ``weight_names``; each is a target of its own, its *target
+path* being the weight's path (``mlp/gating_einsum``). Its adapter leaves
+live in a dict beside it, the *adapter site* ``mlp/gating_einsum_lora``
+(``{'lora_a': ..., 'lora_b': ...}``); for ``kernel``/``embedding`` the site
+is the module itself (``q_proj/lora_a``), as always.
+
 Three ways to name targets, as in Hugging Face PEFT and qwix:
 
 * a sequence of names: a module matches a name when its path equals it or ends
   with ``/name`` (so ``"q_proj"`` and ``"self_attn/q_proj"`` both work);
 * a single string: a regular expression matched with :func:`re.fullmatch`
   against the whole module path;
-* ``"all-linear"``: every module holding a ``kernel``, except the output head.
+* ``"all-linear"``: every module holding a ``kernel`` (and every other
+  weight named in ``weight_names``), except the output head.
 
 Every name of a sequence must match at least one module, and a regex must match
 something: a typo never silently trains nothing.
@@ -30,6 +38,7 @@ from flax import traverse_util
 ALL_LINEAR = "all-linear"
 KERNEL_LEAVES = ("kernel", "embedding")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude", "lora_e")
+SITE_SUFFIX = "_lora"
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score")
 
 _LAYER_INDEX = re.compile(r"(?:^|/)(?:layers|layer|h|blocks|block)_(\d+)(?:/|$)")
@@ -60,21 +69,59 @@ def split_path(path: str) -> tuple[str, str]:
   return module, leaf
 
 
-def adaptable_modules(params: Mapping[str, Any]) -> dict[str, str]:
-  """Maps each module path holding a kernel or embedding to that leaf's name."""
+def adaptable_modules(params: Mapping[str, Any],
+                      weight_names: Sequence[str] = KERNEL_LEAVES) -> dict[str, str]:
+  """Maps each target path to its weight's leaf name.
+
+  A module holding a ``kernel`` or ``embedding`` is the target path of that
+  leaf; another weight named in ``weight_names`` (of two or more axes) is its
+  own target path (see the module docstring).
+  """
   params, _ = unwrap_params(params)
   found = {}
-  for path in flatten(params):
+  for path, leaf_value in flatten(params).items():
     module, leaf = split_path(path)
     if leaf in KERNEL_LEAVES and module:
       found.setdefault(module, leaf)
+    elif (leaf in weight_names and leaf not in KERNEL_LEAVES
+          and len(getattr(leaf_value, "shape", ())) >= 2):
+      found[path] = leaf
   return found
+
+
+def weight_path(target: str, leaf: str) -> str:
+  """The path of the weight a target adapts (``q_proj`` -> ``q_proj/kernel``)."""
+  return f"{target}/{leaf}" if leaf in KERNEL_LEAVES else target
+
+
+def site_path(target: str, leaf: str) -> str:
+  """Where the adapter leaves of a target live (``mlp/w`` -> ``mlp/w_lora``)."""
+  return target if leaf in KERNEL_LEAVES else target + SITE_SUFFIX
+
+
+def site_weight(flat: Mapping[str, Any], site: str) -> str | None:
+  """The path of the weight adapted at ``site`` in a flat params dict, else None."""
+  for name in KERNEL_LEAVES:
+    if f"{site}/{name}" in flat:
+      return f"{site}/{name}"
+  if site.endswith(SITE_SUFFIX) and site[: -len(SITE_SUFFIX)] in flat:
+    return site[: -len(SITE_SUFFIX)]
+  return None
+
+
+def site_target(site: str) -> str:
+  """The target path of an adapter site (drops the ``_lora`` suffix of a weight's site)."""
+  return site[: -len(SITE_SUFFIX)] if site.endswith(SITE_SUFFIX) else site
 
 
 def name_matches(name: str, module_path: str) -> bool:
   """Exact or ``/``-suffix match of a module name against a module path."""
   name = name.strip("/")
   return module_path == name or module_path.endswith("/" + name)
+
+
+def _module_of(target: str, leaf: str) -> str:
+  return target if leaf in KERNEL_LEAVES else split_path(target)[0]
 
 
 def layer_index(module_path: str) -> int | None:
@@ -85,6 +132,11 @@ def layer_index(module_path: str) -> int | None:
 
 def _is_output_head(module_path: str) -> bool:
   return module_path.rsplit("/", 1)[-1] in OUTPUT_HEAD_NAMES
+
+
+def _pattern_hits(key: str, path: str) -> bool:
+  """A ``rank_pattern`` key against a target path or an adapter site."""
+  return any(re.fullmatch(rf"(?:.*/)?(?:{key})", p) for p in {path, site_target(path)})
 
 
 def _close_paths(pattern: str, paths: Iterable[str], n: int = 5) -> list[str]:
@@ -126,6 +178,7 @@ def select_modules(
     exclude_modules: TargetSpec = None,
     layers_to_transform: Sequence[int] | None = None,
     what: str = "target_modules",
+    weight_names: Sequence[str] = KERNEL_LEAVES,
 ) -> dict[str, str]:
   """Selects the adaptable modules named by a target specification.
 
@@ -135,22 +188,22 @@ def select_modules(
     exclude_modules: the same forms; matching modules are dropped.
     layers_to_transform: keep only modules of these unrolled layer indices.
     what: the argument name used in error messages.
+    weight_names: leaf names adaptable besides ``kernel``/``embedding``.
 
   Returns:
-    ``{module_path: leaf_name}`` in tree order, ``leaf_name`` being
-    ``'kernel'`` or ``'embedding'``.
+    ``{target_path: leaf_name}`` in tree order (see :func:`adaptable_modules`).
 
   Raises:
     ValueError: when a name or regex matches no module, or nothing at all is
       selected after exclusions.
   """
-  modules = adaptable_modules(params)
+  modules = adaptable_modules(params, weight_names)
   if target_modules is None:
     raise ValueError(f"{what} must be given (names, a regex, or 'all-linear').")
   if isinstance(target_modules, str):
     if target_modules == ALL_LINEAR:
       chosen = [m for m, leaf in modules.items()
-                if leaf == "kernel" and not _is_output_head(m)]
+                if leaf != "embedding" and not _is_output_head(_module_of(m, leaf))]
     else:
       try:
         re.compile(target_modules)
@@ -204,7 +257,7 @@ def resolve_pattern(
   if not pattern:
     return default
   for key, value in pattern.items():
-    if re.fullmatch(rf"(?:.*/)?(?:{key})", module_path):
+    if _pattern_hits(key, module_path):
       return value
   return default
 
@@ -215,5 +268,5 @@ def check_patterns_match(
   """Raises when a ``rank_pattern``/``alpha_pattern`` key matches no module."""
   module_paths = list(module_paths)
   for key in pattern or {}:
-    if not any(re.fullmatch(rf"(?:.*/)?(?:{key})", m) for m in module_paths):
+    if not any(_pattern_hits(key, m) for m in module_paths):
       raise unmatched_error(f"{what} key", key, module_paths)

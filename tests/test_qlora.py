@@ -9,7 +9,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax import quant, training
-from peft_jax.quant.interop import merge_into_quantized
+from peft_jax.lora.merge import merge_into_quantized
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
 
 IDS = jnp.arange(32).reshape(2, 16) % 256

@@ -136,12 +136,13 @@ def adapter_mismatches(adapters: Mapping[str, Any], base_params: Mapping[str, An
     module, name = targeting.split_path(path)
     by_module.setdefault(module, {})[name] = leaf
   for module, leaves in sorted(by_module.items()):
-    if module not in modules:
+    weight = targeting.site_weight(base_flat, module)
+    if weight is None:
       close = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
       problems.append(f"{module}: no kernel or embedding at this path in the base "
                       f"(closest: {close})")
       continue
-    kernel = base_flat[f"{module}/{modules[module]}"]
+    kernel = base_flat[weight]
     kernel_shape = tuple(kernel.shape)
     already = [n for n in leaves if f"{module}/{n}" in base_flat]
     if already:
@@ -151,8 +152,8 @@ def adapter_mismatches(adapters: Mapping[str, Any], base_params: Mapping[str, An
       problems.append(f"{module}: lora_a and lora_b must come together, found {sorted(leaves)}")
       continue
     try:
-      layout = (layouts or {}).get(module) or layout_lib.layout_from_adapters(
-          kernel_shape, lora_a.shape, lora_b.shape)
+      layout = ((layouts or {}).get(module) or (layouts or {}).get(targeting.site_target(module))
+                or layout_lib.layout_from_adapters(kernel_shape, lora_a.shape, lora_b.shape))
       layout_lib.check_adapter_shapes(module, kernel_shape, lora_a.shape, lora_b.shape, layout)
     except ValueError as e:
       problems.append(f"{module}: {e}")

@@ -10,7 +10,8 @@ from peft_jax.lora.adalora import (
 )
 from peft_jax.lora.config import DoRAConfig, LoRAConfig, config_from_dict
 from peft_jax.lora.interceptor import apply, intercept
-from peft_jax.lora.layout import KernelLayout, kernel_layouts
+from peft_jax.lora.discover import kernel_layouts
+from peft_jax.lora.layout import KernelLayout
 from peft_jax.lora.merge import merge, merge_lora, unmerge
 from peft_jax.lora.transform import apply_dora, apply_lora, lora_transform
 from peft_jax.lora.tree import adapter_paths, combine, split

@@ -8,6 +8,8 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
 from flax.core import FrozenDict
 
 from peft_jax import targeting
@@ -25,6 +27,10 @@ def _check_init(init: str | bool) -> str:
     raise ValueError(
         f"Unknown init {init!r}; expected one of {_INITS} or 'pissa_niter_K'.")
   return init
+
+
+CONFIG_CLASSES: dict[str, type] = {}
+"""``{class name: class}`` of :class:`LoRAConfig` and its subclasses (see :func:`config_from_dict`)."""
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -54,6 +60,12 @@ class LoRAConfig:
     adapter_dtype: dtype of adapter leaves; ``None`` takes the kernel's dtype
       (the compute dtype for quantized kernels).
     loftq_iter: LoftQ alternations (``init="loftq"``).
+    weight_names: leaf names that can be adapted. ``kernel`` and
+      ``embedding`` (the built-in modules) adapt the module holding them;
+      add others (``"w"``, ``"weight"``, ``"gating_einsum"``) to adapt the
+      params of custom modules: each such weight is its own target
+      (``target_modules=("mlp/gating_einsum",)``) and its adapter leaves live
+      in ``<weight>_lora`` beside it (see :mod:`peft_jax.targeting`).
   """
 
   rank: int = 8
@@ -70,6 +82,11 @@ class LoRAConfig:
   alpha_pattern: Mapping[str, float] = dataclasses.field(default_factory=FrozenDict)
   adapter_dtype: str | None = None
   loftq_iter: int = 1
+  weight_names: tuple[str, ...] = targeting.KERNEL_LEAVES
+
+  def __init_subclass__(cls, **kwargs):
+    super().__init_subclass__(**kwargs)
+    CONFIG_CLASSES[cls.__name__] = cls
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
@@ -81,6 +98,12 @@ class LoRAConfig:
       layers = self.layers_to_transform
       set_("layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
     set_("init", _check_init(self.init))
+    names = (self.weight_names,) if isinstance(self.weight_names, str) else tuple(self.weight_names)
+    set_("weight_names", names)
+    for name in names:
+      if (not isinstance(name, str) or not name or "/" in name or name in targeting.ADAPTER_LEAVES
+          or name.endswith(targeting.SITE_SUFFIX)):
+        raise ValueError(f"weight_names entry {name!r} is not a usable param name.")
     # FrozenDicts keep the config hashable, so it can be a static jit argument.
     set_("rank_pattern", FrozenDict(self.rank_pattern))
     set_("alpha_pattern", FrozenDict(self.alpha_pattern))
@@ -120,7 +143,7 @@ class LoRAConfig:
     for key, value in d.items():
       if isinstance(value, Mapping):
         d[key] = dict(value)
-    for key in ("target_modules", "exclude_modules", "layers_to_transform"):
+    for key in ("target_modules", "exclude_modules", "layers_to_transform", "weight_names"):
       if isinstance(d[key], tuple):
         d[key] = list(d[key])
     d["format_version"] = CONFIG_FORMAT_VERSION
@@ -144,6 +167,9 @@ class LoRAConfig:
     return cls(**d)
 
 
+CONFIG_CLASSES["LoRAConfig"] = LoRAConfig
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class DoRAConfig(LoRAConfig):
   """:class:`LoRAConfig` with ``use_dora=True`` (the seed document's name)."""
@@ -162,18 +188,18 @@ def _check_alpha(alpha: Any, what: str) -> None:
 
 
 def _dtype_name(dtype: Any) -> str:
-  import numpy as np
-  import jax.numpy as jnp
   return jnp.dtype(dtype).name if not isinstance(dtype, str) else np.dtype(jnp.dtype(dtype)).name
 
 
 def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:
-  """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass)."""
-  from peft_jax.lora.adalora import AdaLoRAConfig  # pylint: disable=import-outside-toplevel
-  from peft_jax.qlora import QLoRAConfig  # pylint: disable=import-outside-toplevel
-  classes = {"LoRAConfig": LoRAConfig, "DoRAConfig": DoRAConfig, "AdaLoRAConfig": AdaLoRAConfig,
-             "QLoRAConfig": QLoRAConfig}
+  """Rebuilds a config saved with :meth:`LoRAConfig.to_dict` (any subclass).
+
+  ``config_class`` names a class from the registry that every subclass of
+  :class:`LoRAConfig` joins when it is defined (``AdaLoRAConfig``,
+  ``QLoRAConfig`` once :mod:`peft_jax` is imported); a saved name never
+  makes us import or call anything else.
+  """
   name = d.get("config_class", "LoRAConfig")
-  if name not in classes:
-    raise ValueError(f"Unknown config class {name!r} in saved config.")
-  return classes[name].from_dict(d)
+  if name not in CONFIG_CLASSES:
+    raise ValueError(f"Unknown config class {name!r} in saved config; known: {sorted(CONFIG_CLASSES)}.")
+  return CONFIG_CLASSES[name].from_dict(d)

@@ -12,6 +12,15 @@ with ``s = alpha / r`` (``alpha / sqrt(r)`` with rsLoRA). Modules without
 adapter leaves, and every other method (``Embed.attend`` for tied heads), run
 untouched. Under ``nn.scan`` the module sees its layer's slice of stacked
 leaves, so scanned models need no special case.
+
+Any other module holding adapter leaves (a custom module whose param enters
+``jnp.einsum``/``jnp.dot``/``@``/``lax.dot_general``) runs through
+:mod:`peft_jax.lora.ops`: its adapted weights are replaced, for the call, by
+views that add the adapter term to every product they enter.
+
+Never silent: when an apply inside :func:`intercept` ends with an adapter
+leaf that added nothing (its module was never called, or no product used its
+weight), :func:`intercept` raises a ``ValueError`` naming those paths.
 """
 
 from __future__ import annotations
@@ -24,14 +33,17 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
+from peft_jax.lora import ops, quantized
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.nnx_guard import guard as nnx_guard
 from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
 
-_SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
+SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
 
-def _module_path(module: nn.Module) -> str:
+def module_path(module: nn.Module) -> str:
   path = "/".join(str(p) for p in module.scope.path)
   return path[len("params/"):] if path.startswith("params/") else path
 
@@ -55,7 +67,7 @@ def _einsum_subscripts(module, args, kwargs, x):
     return "...a", "ab", "...b"
   if isinstance(module, nn.DenseGeneral):
     if module.batch_dims:
-      raise ValueError(f"LoRA on DenseGeneral with batch_dims is not supported ({_module_path(module)!r}).")
+      raise ValueError(f"LoRA on DenseGeneral with batch_dims is not supported ({module_path(module)!r}).")
     axis = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
     axis = tuple(a % x.ndim for a in axis)
     features = module.features if isinstance(module.features, tuple | list) else (module.features,)
@@ -84,25 +96,207 @@ def _check_rank(config, path, lora_a, lora_e):
   return rank
 
 
+_SITE_LEAVES = ("lora_a", "lora_a_stack")
+
+
+def _module_sites(params: Mapping[str, Any]) -> dict[str, tuple[str | None, Mapping[str, Any]]]:
+  """``{site relative to the module: (weight name, adapter leaves)}`` of one module."""
+  sites = {}
+  if any(n in params for n in _SITE_LEAVES):
+    sites[""] = (next((n for n in targeting.KERNEL_LEAVES if n in params), None), params)
+  for key, value in params.items():
+    if (key.endswith(targeting.SITE_SUFFIX) and isinstance(value, Mapping)
+        and any(n in value for n in _SITE_LEAVES)):
+      sites[key] = (key[: -len(targeting.SITE_SUFFIX)], value)
+  return sites
+
+
+def _sites_in_tree(params: Mapping[str, Any]) -> set[str]:
+  """Adapter sites (paths holding ``lora_a`` or ``lora_a_stack``) of a params tree."""
+  found = set()
+  for path in targeting.flatten(params):
+    site, leaf = targeting.split_path(path)
+    if leaf in _SITE_LEAVES:
+      found.add(site)
+  return found
+
+
+@contextlib.contextmanager
+def substituted(scope, values: Mapping[str, Any]) -> Iterator[None]:
+  """Makes ``scope`` read ``values`` for some of its params during the block."""
+  variables = scope._variables  # pylint: disable=protected-access
+  had = "params" in variables
+  old = scope._collection("params")  # pylint: disable=protected-access
+  new = dict(old)
+  new.update(values)
+  try:
+    variables["params"] = new
+  except TypeError as e:  # an immutable root collection
+    raise ValueError(f"Cannot adapt the weights of the root module {type(scope).__name__}: "
+                     "wrap it in a parent module.") from e
+  try:
+    yield
+  finally:
+    if had:
+      variables["params"] = old
+    else:
+      del variables["params"]
+
+
 class _Interceptor:
   """Callable for ``nn.intercept_methods`` (see module docstring)."""
 
   def __init__(self, config: LoRAConfig | None, deterministic: bool | None,
-               quant_impl: str | None = None, quant_platform: str | None = None):
+               quant_impl: str | None = None, quant_platform: str | None = None,
+               adapter_index: jax.Array | None = None):
     self.config = config
     self.deterministic = deterministic
     self.quant_impl = quant_impl
     self.quant_platform = quant_platform
+    self.adapter_index = None if adapter_index is None else jnp.asarray(adapter_index, jnp.int32)
+    # Never silent: adapter sites in the params, those whose module ran, those that added.
+    self.present: set[str] = set()
+    self.called: set[str] = set()
+    self.contributed: set[str] = set()
+    self.other_uses: dict[str, list[str]] = {}
+    self._active: set[int] = set()
+    self.failed = False
 
   def __call__(self, next_fun, args, kwargs, context):
+    try:
+      return self._dispatch(next_fun, args, kwargs, context)
+    except BaseException:
+      self.failed = True  # an apply that raised has no output to check
+      raise
+
+  def _dispatch(self, next_fun, args, kwargs, context):
     module = context.module
-    if context.method_name != "__call__" or not isinstance(module, _SUPPORTED):
+    scope = module.scope
+    if scope is None or context.method_name == "setup" or id(scope) in self._active:
       return next_fun(*args, **kwargs)
-    if module.scope is None or not module.has_variable("params", "lora_a"):
-      if self._has_quantized_kernel(module):
-        return self._quantized_base(module, args, kwargs)
+    if scope.parent is None and not scope.path:
+      self.present |= _sites_in_tree(module.variables.get("params", {}))
+    if isinstance(module, SUPPORTED):
+      if context.method_name != "__call__":
+        return next_fun(*args, **kwargs)
+      return self._builtin(module, next_fun, args, kwargs)
+    return self._op_call(module, next_fun, args, kwargs)
+
+  def _builtin(self, module, next_fun, args, kwargs):
+    path = module_path(module)
+    stacked = self.adapter_index is not None and module.has_variable("params", "lora_a_stack")
+    if stacked and not isinstance(module, (nn.Dense, nn.Embed)):
+      if isinstance(module, nn.Conv):
+        raise ValueError(f"Mixed-adapter batches do not support Conv modules ({path!r}): "
+                         "merge that adapter per task instead.")
+      return self._op_call(module, next_fun, args, kwargs)
+    if module.has_variable("params", "lora_a"):
+      self.called.add(path)
+      out = self._adapted(module, next_fun, args, kwargs)
+      self.contributed.add(path)
+    elif self._has_quantized_kernel(module):
+      out = self._quantized_base(module, args, kwargs)
+    else:
+      out = next_fun(*args, **kwargs)
+    if stacked:
+      out = out + self._mixed_builtin(module, args, kwargs).astype(out.dtype)
+      self.contributed.add(path)
+    return out
+
+  def _mixed_builtin(self, module, args, kwargs):
+    """``scale[k_b] * (x_b A[k_b]) B[k_b]`` for nn.Dense / nn.Embed (k_b = adapter_index[b])."""
+    x = args[0] if args else kwargs["inputs"]
+    path = module_path(module)
+    index = self.adapter_index
+    if x.shape[0] != index.shape[0]:
+      raise ValueError(f"adapter_index has {index.shape[0]} entries but the input of {path!r} "
+                       f"has batch {x.shape[0]}.")
+    a_stack = module.get_variable("params", "lora_a_stack")
+    b_stack = module.get_variable("params", "lora_b_stack")
+    scales = module.get_variable("params", "lora_scale_stack")
+    lora_a, lora_b, scale = ops.gather_stack(a_stack, b_stack, scales, index, path)
+    if isinstance(module, nn.Embed):
+      hidden = jax.vmap(lambda a, ids: jnp.take(a, ids, axis=0))(lora_a, x)
+    else:
+      hidden = jnp.einsum("b...i,bir->b...r", x.astype(lora_a.dtype), lora_a)
+    lora = jnp.einsum("b...r,bro->b...o", hidden, lora_b)
+    return lora * scale.reshape((-1,) + (1,) * (lora.ndim - 1)).astype(lora.dtype)
+
+  def _op_call(self, module, next_fun, args, kwargs):
+    """A module whose weights enter products of its own code (see :mod:`peft_jax.lora.ops`)."""
+    params = module.variables.get("params", {})
+    base_path = module_path(module)
+    weights = {}
+    for rel, (name, leaves) in _module_sites(params).items():
+      path = f"{base_path}/{rel}" if base_path and rel else (rel or base_path)
+      if name is None or name not in params:
+        raise ValueError(f"Adapters at {path!r} have no weight beside them.")
+      self.called.add(path)
+      weights[name] = ops.WeightSpec(params[name], self._adapter_spec(module, path, leaves), path)
+    for name, value in params.items():
+      if name not in weights and is_quantized(value):
+        weights[name] = ops.WeightSpec(value, None, f"{base_path}/{name}")
+    if not weights:
       return next_fun(*args, **kwargs)
-    return self._adapted(module, next_fun, args, kwargs)
+    module._try_setup()  # pylint: disable=protected-access  # setup() must not see the views
+
+    def call(views):
+      with substituted(module.scope, views):
+        return next_fun(*args, **kwargs)
+
+    self._active.add(id(module.scope))
+    try:
+      out, report = ops.run(call, weights, quant_impl=self.quant_impl,
+                            quant_platform=self.quant_platform)
+    finally:
+      self._active.discard(id(module.scope))
+    for name in report.contributed:
+      self.contributed.add(weights[name].path)
+    for name, uses in report.other_uses.items():
+      self.other_uses.setdefault(weights[name].path, []).extend(uses)
+    return out
+
+  def _adapter_spec(self, module, path, leaves):
+    """The :class:`ops.AdapterSpec` of one site, or None when nothing can act."""
+    lora_a, lora_b = leaves.get("lora_a"), leaves.get("lora_b")
+    mixed = None
+    if self.adapter_index is not None and "lora_a_stack" in leaves:
+      mixed = (leaves["lora_a_stack"], leaves["lora_b_stack"], leaves["lora_scale_stack"],
+               self.adapter_index)
+    if lora_a is None and mixed is None:
+      return None
+    config = self.config
+    scale, dropout = 1.0, 0.0
+    if lora_a is not None:
+      if config is None:
+        raise ValueError(f"Module {path!r} holds adapters: pass its LoRAConfig to peft_jax.intercept.")
+      rank = _check_rank(config, path, lora_a, leaves.get("lora_e"))
+      scale, dropout = config.scale_for(path, rank), config.dropout
+    key = None
+    if dropout > 0.0 and not self._is_deterministic(module):
+      key = lambda: module.make_rng("dropout")
+    return ops.AdapterSpec(lora_a, lora_b, scale, leaves.get("lora_magnitude"), leaves.get("lora_e"),
+                           dropout, key, mixed)
+
+  def check(self) -> None:
+    """Raises when an adapter in the params added nothing (see module docstring)."""
+    missing = sorted(self.present - self.contributed)
+    if not missing or self.failed:
+      return
+    lines = []
+    for path in missing:
+      if path in self.other_uses:
+        why = f"its weight was used only by {sorted(set(self.other_uses[path]))}, never in a product"
+      elif path in self.called:
+        why = "its module ran but no product used the adapted weight"
+      else:
+        why = "its module was never called"
+      lines.append(f"  {path}: {why}")
+    raise ValueError(
+        "These adapters added nothing to the output (training them would do nothing):\n"
+        + "\n".join(lines) + "\nAdapters act where their weight enters a product "
+        "(jnp.einsum, jnp.dot, @, lax.dot_general) or in nn.Dense/DenseGeneral/Einsum/Conv/Embed; "
+        "stacked adapters need peft_jax.multitask.mixed_adapters.")
 
   @staticmethod
   def _has_quantized_kernel(module):
@@ -113,8 +307,7 @@ class _Interceptor:
   def _quantized_base(self, module, args, kwargs):
     # A quantized kernel cannot pass through the module's own __call__ (which
     # checks the stored shape against its initializer), so the product is ours.
-    from peft_jax.quant import interop  # pylint: disable=import-outside-toplevel
-    return interop.quantized_module_call(module, args, kwargs, impl=self.quant_impl,
+    return quantized.quantized_module_call(module, args, kwargs, impl=self.quant_impl,
                                          platform=self.quant_platform)
 
   def _is_deterministic(self, module) -> bool:
@@ -123,7 +316,7 @@ class _Interceptor:
     return not module.has_rng("dropout")
 
   def _adapted(self, module, next_fun, args, kwargs):
-    path = _module_path(module)
+    path = module_path(module)
     config = self.config
     if config is None:
       raise ValueError(f"Module {path!r} holds adapters: pass its LoRAConfig to peft_jax.intercept.")
@@ -196,7 +389,7 @@ class _Interceptor:
   @staticmethod
   def _conv(module: nn.Conv, x, lora_a):
     if module.feature_group_count != 1:
-      raise ValueError(f"LoRA on grouped convolutions is not supported ({_module_path(module)!r}).")
+      raise ValueError(f"LoRA on grouped convolutions is not supported ({module_path(module)!r}).")
     conv = nn.Conv(
         features=lora_a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
         padding=module.padding, input_dilation=module.input_dilation,
@@ -207,7 +400,8 @@ class _Interceptor:
 
 @contextlib.contextmanager
 def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = None,
-              quant_impl: str | None = None, quant_platform: str | None = None) -> Iterator[None]:
+              quant_impl: str | None = None, quant_platform: str | None = None,
+              adapter_index: jax.Array | None = None) -> Iterator[None]:
   """Runs Flax modules with their adapters (and quantized kernels).
 
   Args:
@@ -220,14 +414,23 @@ def intercept(config: LoRAConfig | None = None, *, deterministic: bool | None = 
       implementation (``None`` chooses by backend: Pallas on GPU/TPU, XLA on CPU).
     quant_platform: ``"gpu"`` or ``"tpu"``: the Pallas target, e.g. to lower
       for an accelerator from a CPU host; default the JAX default backend.
+    adapter_index: for stacked adapters (:func:`peft_jax.multitask.mixed_adapters`).
+
+  Raises:
+    ValueError: on leaving the block, when an adapter in the params of an
+      apply added nothing to its output (module never called, or its weight
+      never entered a product), naming each path. Checked when the model is
+      traced: a cached ``jax.jit`` call runs no Python and checks nothing.
 
   Example::
 
     with peft_jax.intercept(config):
       logits = model.apply({"params": params}, tokens, rngs={"dropout": key})
   """
-  with nn.intercept_methods(_Interceptor(config, deterministic, quant_impl, quant_platform)):
+  interceptor = _Interceptor(config, deterministic, quant_impl, quant_platform, adapter_index)
+  with nn.intercept_methods(interceptor), nnx_guard():
     yield
+  interceptor.check()
 
 
 def apply(model: nn.Module, variables: Mapping[str, Any], *args, config: LoRAConfig | None = None,

@@ -27,6 +27,7 @@ from typing import Any
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 
 from peft_jax import targeting
 
@@ -66,6 +67,27 @@ class KernelLayout:
     kernel = string.ascii_lowercase[: self.kernel_ndim]
     return (kernel, "".join(kernel[i] for i in self.in_axes),
             "".join(kernel[o] for o in self.out_axes))
+
+
+def to_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
+  """Per-layer kernel (batch + kernel axes) -> batch + (fan_in, fan_out)."""
+  b = layout.batch_ndim
+  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
+  fan_in, fan_out = layout.matrix_dims(kernel.shape)
+  return jnp.transpose(kernel, perm).reshape(kernel.shape[:b] + (fan_in, fan_out))
+
+
+def from_matrix(matrix: jax.Array, kernel_shape, layout: KernelLayout) -> jax.Array:
+  """Inverse of :func:`to_matrix` for a kernel of ``kernel_shape``."""
+  b = layout.batch_ndim
+  kernel_shape = tuple(kernel_shape)
+  batch = kernel_shape[:b]
+  permuted = batch + layout.in_shape(kernel_shape) + layout.out_shape(kernel_shape)
+  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
+  inverse = [0] * len(perm)
+  for dst, src in enumerate(perm):
+    inverse[src] = dst
+  return jnp.transpose(matrix.reshape(permuted), inverse)
 
 
 RANK_LETTER = "z"  # never among the kernel letters (kernels have < 25 axes)
@@ -161,49 +183,3 @@ def module_layout(module: nn.Module, args: tuple, kwargs: Mapping[str, Any]) -> 
     window = len(module.kernel_size) if isinstance(module.kernel_size, tuple | list) else 1
     return KernelLayout(tuple(range(window + 1)), (window + 1,))
   return None
-
-
-def kernel_layouts(model: nn.Module, *args, method=None, **kwargs) -> dict[str, KernelLayout]:
-  """Reads every adaptable kernel's layout off a model, without running it.
-
-  Traces ``model.init`` abstractly (``jax.eval_shape``: no FLOPs, no memory)
-  and records each ``Dense``/``DenseGeneral``/``Einsum``/``Conv``/``Embed``
-  call; stacked kernels (``nn.scan``/``nn.vmap``) get their batch axes from the
-  difference between the stored and the per-layer kernel rank.
-
-  Args:
-    model: the Flax linen model.
-    *args: sample inputs for ``model.init`` (shapes matter, values do not).
-    method: the model method to trace (default ``__call__``).
-    **kwargs: keyword inputs for ``model.init``.
-
-  Returns:
-    ``{module_path: KernelLayout}`` for :func:`peft_jax.lora_transform`.
-  """
-  seen: dict[str, KernelLayout] = {}
-
-  def record(next_fun, call_args, call_kwargs, context):
-    if context.method_name == "__call__":
-      layout = module_layout(context.module, call_args, call_kwargs)
-      if layout is not None:
-        path = "/".join(str(p) for p in context.module.scope.path)
-        seen.setdefault(path, layout)
-    return next_fun(*call_args, **call_kwargs)
-
-  def init(*a, **k):
-    with nn.intercept_methods(record):
-      return model.init(jax.random.key(0), *a, method=method, **k)
-
-  variables = jax.eval_shape(init, *args, **kwargs)
-  flat = targeting.flatten(variables.get("params", {}))
-  layouts = {}
-  for path, layout in seen.items():
-    if path.startswith("params/"):
-      path = path[len("params/"):]
-    leaf = next((flat[f"{path}/{n}"] for n in targeting.KERNEL_LEAVES
-                 if f"{path}/{n}" in flat), None)
-    if leaf is None:
-      continue
-    batch = len(leaf.shape) - layout.kernel_ndim
-    layouts[path] = dataclasses.replace(layout, batch_ndim=batch)
-  return layouts

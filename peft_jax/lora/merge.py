@@ -11,18 +11,22 @@ from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
+from peft_jax.lora.tree import adapter_paths
+from peft_jax.quant.nf4 import is_quantized, quantize_array
 
 
-def _kernel_name(flat, module):
-  for name in targeting.KERNEL_LEAVES:
-    if f"{module}/{name}" in flat:
-      return name
-  raise ValueError(f"Module {module!r} holds adapters but no kernel or embedding.")
+def _weight_path(flat, site):
+  path = targeting.site_weight(flat, site)
+  if path is None:
+    raise ValueError(f"Adapters at {site!r} have no weight beside them (kernel, embedding, "
+                     "or the weight their '<weight>_lora' site names).")
+  return path
 
 
 def _module_layout(module, kernel, lora_a, lora_b, layouts):
-  layout = (layouts or {}).get(module) or layout_lib.layout_from_adapters(
-      kernel.shape, lora_a.shape, lora_b.shape)
+  layouts = layouts or {}
+  layout = (layouts.get(module) or layouts.get(targeting.site_target(module))
+            or layout_lib.layout_from_adapters(kernel.shape, lora_a.shape, lora_b.shape))
   layout_lib.check_adapter_shapes(module, kernel.shape, lora_a.shape, lora_b.shape, layout)
   return layout
 
@@ -72,7 +76,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
       axes interleave (see :mod:`peft_jax.lora.layout`).
 
   A quantized (NF4) kernel merges into a dense kernel of its compute dtype;
-  :func:`peft_jax.quant.merge_into_quantized` re-quantizes and reports the
+  :func:`merge_into_quantized` re-quantizes and reports the
   error.
 
   Raises:
@@ -85,8 +89,8 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
   if not modules:
     raise ValueError("These params hold no adapters (no 'lora_a' leaf): nothing to merge.")
   for module in modules:
-    name = _kernel_name(flat, module)
-    kernel = flat[f"{module}/{name}"]
+    weight = _weight_path(flat, module)
+    kernel = flat[weight]
     lora_a, lora_b = flat.pop(f"{module}/lora_a"), flat.pop(f"{module}/lora_b")
     magnitude = flat.pop(f"{module}/lora_magnitude", None)
     lora_e = flat.pop(f"{module}/lora_e", None)
@@ -98,7 +102,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
           f"{config.rank_for(module)}: the config does not fit these params.")
     scale = config.scale_for(module, rank)
     dense = merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout)
-    flat[f"{module}/{name}"] = dense.astype(kernel.dtype)
+    flat[weight] = dense.astype(kernel.dtype)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 
@@ -123,14 +127,14 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
       raise ValueError(
           f"DoRA adapters ({module!r}) cannot be unmerged exactly: the weight norm of "
           "the unmerged kernel is not recoverable from the merged one. Keep the base params.")
-    name = _kernel_name(flat, module)
-    kernel = flat[f"{module}/{name}"]
+    weight = _weight_path(flat, module)
+    kernel = flat[weight]
     lora_a, lora_b = adapter_flat[f"{module}/lora_a"], adapter_flat[f"{module}/lora_b"]
     lora_e = adapter_flat.get(f"{module}/lora_e")
     layout = _module_layout(module, kernel, lora_a, lora_b, layouts)
     a = _with_singular_values(lora_a.astype(jnp.float32), lora_e, layout)
     delta = config.scale_for(module, lora_a.shape[-1]) * delta_kernel(a, lora_b.astype(jnp.float32), layout)
-    flat[f"{module}/{name}"] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
+    flat[weight] = (kernel.astype(jnp.float32) - delta).astype(kernel.dtype)
   for path, value in adapter_flat.items():
     flat[path] = value
   out = targeting.unflatten(flat)
@@ -140,3 +144,36 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
 def merge_lora(params: Mapping[str, Any], config: LoRAConfig, **kwargs) -> dict[str, Any]:
   """The seed document's name for :func:`merge`."""
   return merge(params, config, **kwargs)
+
+
+def merge_into_quantized(params: Mapping[str, Any], config, spec, *, layouts=None
+                         ) -> tuple[dict[str, Any], dict[str, float]]:
+  """Merges adapters into an NF4 base and re-quantizes the merged kernels.
+
+  Args:
+    params: params whose adapted kernels are :class:`NF4Array` leaves.
+    config: the adapters' :class:`peft_jax.LoRAConfig`.
+    spec: the :class:`peft_jax.quant.NF4` spec for the merged kernels.
+    layouts: as for :func:`peft_jax.merge`.
+
+  Returns:
+    ``(qparams, errors)``: params with re-quantized merged kernels, and per
+    module the relative Frobenius error ``||deq(q(W')) - W'|| / ||W'||`` that
+    re-quantization adds to the merged kernel ``W'``.
+  """
+  inner, wrapped = targeting.unwrap_params(params)
+  flat_before = targeting.flatten(inner)
+  merged = targeting.flatten(targeting.unwrap_params(merge(params, config, layouts=layouts))[0])
+  errors = {}
+  for module in adapter_paths(inner):
+    path = targeting.site_weight(flat_before, module)
+    old = flat_before.get(path)
+    if not is_quantized(old):
+      continue
+    dense = merged[path]
+    q = quantize_array(dense, spec, stack_ndim=len(old.stack_shape), in_ndim=len(old.in_shape))
+    diff = q.dequantize(jnp.float32) - dense.astype(jnp.float32)
+    errors[module] = float(jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(dense.astype(jnp.float32).ravel()))
+    merged[path] = q
+  out = targeting.unflatten(merged)
+  return ({"params": out} if wrapped else out), errors

@@ -12,7 +12,8 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora.config import LoRAConfig
-from peft_jax.lora.layout import KernelLayout, default_layout
+from peft_jax.lora import loftq
+from peft_jax.lora.layout import KernelLayout, default_layout, from_matrix, to_matrix
 
 Params = Mapping[str, Any]
 
@@ -26,26 +27,6 @@ def kernel_value(leaf: Any, dtype=None) -> jax.Array:
   """A kernel leaf as a dense array (dequantized when quantized)."""
   value = leaf.dequantize() if is_quantized(leaf) else jnp.asarray(leaf)
   return value if dtype is None else value.astype(dtype)
-
-
-def _to_matrix(kernel: jax.Array, layout: KernelLayout) -> jax.Array:
-  """Per-layer kernel (batch + kernel axes) -> batch + (fan_in, fan_out)."""
-  b = layout.batch_ndim
-  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
-  fan_in, fan_out = layout.matrix_dims(kernel.shape)
-  return jnp.transpose(kernel, perm).reshape(kernel.shape[:b] + (fan_in, fan_out))
-
-
-def _from_matrix(matrix: jax.Array, kernel_shape, layout: KernelLayout) -> jax.Array:
-  b = layout.batch_ndim
-  kernel_shape = tuple(kernel_shape)
-  batch = kernel_shape[:b]
-  permuted = batch + layout.in_shape(kernel_shape) + layout.out_shape(kernel_shape)
-  perm = tuple(range(b)) + tuple(b + i for i in layout.in_axes) + tuple(b + o for o in layout.out_axes)
-  inverse = [0] * len(perm)
-  for dst, src in enumerate(perm):
-    inverse[src] = dst
-  return jnp.transpose(matrix.reshape(permuted), inverse)
 
 
 def delta_kernel(lora_a: jax.Array, lora_b: jax.Array, layout: KernelLayout) -> jax.Array:
@@ -117,7 +98,7 @@ def _rewrite_init(kernel, layout, rank, scale, init, key, is_embedding, path):
   """PiSSA / OLoRA: adapters from the kernel's factors, base kernel := residual."""
   if is_embedding:
     raise ValueError(f"init={init!r} supports Dense-like kernels only, not the embedding at {path!r}.")
-  w = _to_matrix(kernel_value(kernel, jnp.float32), layout)
+  w = to_matrix(kernel_value(kernel, jnp.float32), layout)
   batch = w.shape[:-2]
   flat = w.reshape((-1,) + w.shape[-2:])
   keys = jax.random.split(key, flat.shape[0])
@@ -129,7 +110,7 @@ def _rewrite_init(kernel, layout, rank, scale, init, key, is_embedding, path):
     a, b, res = jax.vmap(lambda m, k: _pissa_matrix(m, rank, scale, niter, k))(flat, keys)
   a = a.reshape(batch + a.shape[-2:])
   b = b.reshape(batch + b.shape[-2:])
-  res = _from_matrix(res.reshape(batch + res.shape[-2:]), kernel.shape, layout)
+  res = from_matrix(res.reshape(batch + res.shape[-2:]), kernel.shape, layout)
   return a, b, res
 
 
@@ -158,7 +139,8 @@ def lora_transform(
   A pure tree transformation: the model is not run. For each module selected
   by ``config.target_modules`` it adds ``lora_a`` and ``lora_b`` (and, for
   DoRA, ``lora_magnitude``) in the module's own dict, shaped after the
-  kernel (see :mod:`peft_jax.lora.layout`). With the default init the adapted
+  kernel (see :mod:`peft_jax.lora.layout`); a weight named in
+  ``config.weight_names`` gets them in ``<weight>_lora`` beside it. With the default init the adapted
   model computes exactly what the base model does.
 
   Args:
@@ -182,15 +164,17 @@ def lora_transform(
   inner, wrapped = targeting.unwrap_params(params)
   selected = targeting.select_modules(
       inner, config.target_modules, exclude_modules=config.exclude_modules,
-      layers_to_transform=config.layers_to_transform)
+      layers_to_transform=config.layers_to_transform, weight_names=config.weight_names)
   targeting.check_patterns_match(config.rank_pattern, selected, "rank_pattern")
   targeting.check_patterns_match(config.alpha_pattern, selected, "alpha_pattern")
   flat = targeting.flatten(inner)
   keys = jax.random.split(key, len(selected))
   for module_key, (path, leaf_name) in zip(keys, selected.items()):
-    if f"{path}/lora_a" in flat:
+    site = targeting.site_path(path, leaf_name)
+    weight = targeting.weight_path(path, leaf_name)
+    if f"{site}/lora_a" in flat:
       raise ValueError(f"Module {path!r} already holds adapters; merge or split them off first.")
-    kernel = flat[f"{path}/{leaf_name}"]
+    kernel = flat[weight]
     if not (is_quantized(kernel) or jnp.issubdtype(kernel.dtype, jnp.floating)):
       raise ValueError(f"The {leaf_name} at {path!r} has dtype {kernel.dtype}; expected a float kernel.")
     layout = _resolve_layout(path, leaf_name, kernel, layouts)
@@ -212,10 +196,9 @@ def lora_transform(
     elif init == "gaussian":
       lora_a, lora_b = _init_gaussian(module_key, rank, a_shape, b_shape, dtype, is_embedding)
     elif init == "loftq":
-      from peft_jax.quant import loftq  # pylint: disable=import-outside-toplevel
       qkernel, lora_a, lora_b = loftq.loftq_for_kernel(
           kernel, layout, rank, config.loftq_iter, path=path)
-      flat[f"{path}/{leaf_name}"] = qkernel
+      flat[weight] = qkernel
       lora_a = lora_a.reshape(a_shape).astype(dtype)
       lora_b = lora_b.reshape(b_shape).astype(dtype)
     else:
@@ -227,14 +210,14 @@ def lora_transform(
           kernel, layout, rank, scale, init, module_key, is_embedding, path)
       lora_a = lora_a.reshape(a_shape).astype(dtype)
       lora_b = lora_b.reshape(b_shape).astype(dtype)
-      flat[f"{path}/{leaf_name}"] = residual.astype(kernel.dtype)
-    flat[f"{path}/lora_a"] = lora_a
-    flat[f"{path}/lora_b"] = lora_b
+      flat[weight] = residual.astype(kernel.dtype)
+    flat[f"{site}/lora_a"] = lora_a
+    flat[f"{site}/lora_b"] = lora_b
     if config.use_dora:
-      base = kernel_value(flat[f"{path}/{leaf_name}"], jnp.float32)
+      base = kernel_value(flat[weight], jnp.float32)
       adapted = base + scale * delta_kernel(
           lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
-      flat[f"{path}/lora_magnitude"] = weight_norm(adapted, layout).astype(dtype)
+      flat[f"{site}/lora_magnitude"] = weight_norm(adapted, layout).astype(dtype)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 

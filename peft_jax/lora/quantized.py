@@ -15,6 +15,7 @@ from typing import Any
 import flax.linen as nn
 import jax.numpy as jnp
 
+from peft_jax.lora.layout import parse_einsum
 from peft_jax.quant.matmul import nf4_matmul
 
 
@@ -45,7 +46,6 @@ def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, A
       x = jnp.moveaxis(x, axis, tuple(range(x.ndim - len(axis), x.ndim)))
     y = nf4_matmul(x, kernel, impl=impl, platform=platform)
   elif isinstance(module, nn.Einsum):
-    from peft_jax.lora.layout import parse_einsum  # pylint: disable=import-outside-toplevel
     einsum_str = kwargs.get("einsum_str") or (args[1] if len(args) > 1 else None) or module.einsum_str
     x_sub, k_sub, y_sub = parse_einsum(einsum_str)
     y = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x, kernel.dequantize(dtype))
@@ -55,41 +55,3 @@ def quantized_module_call(module: nn.Module, args: tuple, kwargs: Mapping[str, A
   if getattr(module, "use_bias", False) and module.has_variable("params", "bias"):
     y = y + module.get_variable("params", "bias").astype(dtype)
   return y
-
-
-def merge_into_quantized(params: Mapping[str, Any], config, spec, *, layouts=None
-                         ) -> tuple[dict[str, Any], dict[str, float]]:
-  """Merges adapters into an NF4 base and re-quantizes the merged kernels.
-
-  Args:
-    params: params whose adapted kernels are :class:`NF4Array` leaves.
-    config: the adapters' :class:`peft_jax.LoRAConfig`.
-    spec: the :class:`peft_jax.quant.NF4` spec for the merged kernels.
-    layouts: as for :func:`peft_jax.merge`.
-
-  Returns:
-    ``(qparams, errors)``: params with re-quantized merged kernels, and per
-    module the relative Frobenius error ``||deq(q(W')) - W'|| / ||W'||`` that
-    re-quantization adds to the merged kernel ``W'``.
-  """
-  from peft_jax import targeting  # pylint: disable=import-outside-toplevel
-  from peft_jax.lora.merge import merge  # pylint: disable=import-outside-toplevel
-  from peft_jax.lora.tree import adapter_paths  # pylint: disable=import-outside-toplevel
-  from peft_jax.quant.nf4 import is_quantized, quantize_array  # pylint: disable=import-outside-toplevel
-
-  inner, wrapped = targeting.unwrap_params(params)
-  flat_before = targeting.flatten(inner)
-  merged = targeting.flatten(targeting.unwrap_params(merge(params, config, layouts=layouts))[0])
-  errors = {}
-  for module in adapter_paths(inner):
-    path = f"{module}/kernel"
-    old = flat_before.get(path)
-    if not is_quantized(old):
-      continue
-    dense = merged[path]
-    q = quantize_array(dense, spec, stack_ndim=len(old.stack_shape), in_ndim=len(old.in_shape))
-    diff = q.dequantize(jnp.float32) - dense.astype(jnp.float32)
-    errors[module] = float(jnp.linalg.norm(diff.ravel()) / jnp.linalg.norm(dense.astype(jnp.float32).ravel()))
-    merged[path] = q
-  out = targeting.unflatten(merged)
-  return ({"params": out} if wrapped else out), errors

@@ -21,9 +21,8 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
-from peft_jax.lora.layout import KernelLayout
-from peft_jax.lora.transform import _from_matrix, _to_matrix, is_quantized
-from peft_jax.quant.nf4 import NF4, quantize_array
+from peft_jax.lora.layout import KernelLayout, from_matrix, to_matrix
+from peft_jax.quant.nf4 import NF4, is_quantized, quantize_array
 
 LOFTQ_SPEC = NF4(block_size=64, double_quant=False, compute_dtype=jnp.float32)
 
@@ -47,12 +46,12 @@ def loftq_for_kernel(kernel, layout: KernelLayout, rank: int, num_iter: int, *,
         "call lora_transform with init='loftq' on the float params; it quantizes them.")
   if layout.in_axes != tuple(range(len(layout.in_axes))):
     raise ValueError(f"init='loftq' needs input axes before output axes at {path!r}.")
-  w = _to_matrix(jnp.asarray(kernel, jnp.float32), layout)  # batch + (in, out)
+  w = to_matrix(jnp.asarray(kernel, jnp.float32), layout)  # batch + (in, out)
   residual = w
   for i in range(num_iter):
-    q = quantize_array(_from_matrix(residual, kernel.shape, layout), spec,
+    q = quantize_array(from_matrix(residual, kernel.shape, layout), spec,
                        stack_ndim=layout.batch_ndim, in_ndim=len(layout.in_axes))
-    dense_q = _to_matrix(q.dequantize(jnp.float32), layout)
+    dense_q = to_matrix(q.dequantize(jnp.float32), layout)
     # SVD in torch layout (out, in) as the reference: L (out, r), R (r, in).
     u, s, vh = jnp.linalg.svd(jnp.swapaxes(w - dense_q, -1, -2), full_matrices=False)
     root = jnp.sqrt(s[..., :rank])
