@@ -83,3 +83,51 @@ def test_qlora_runs_on_nf4_kernels():
     assert type(kernel).__name__ == "NF4Array"
     losses = _train(model, 4)
     assert losses[-1] < losses[0], losses
+
+
+# --- Hugging Face PEFT files: what transformers + peft compute with our adapters -----
+
+LORA_DIR = DATA / "hf_tiny" / "gemma3_lora"
+
+
+def _generator():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "make_gemma3_peft_reference", DATA / "make_gemma3_peft_reference.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _assert_matches_peft(model):
+    inputs = json.loads((DATA / "hf_tiny" / "gemma3" / "reference.json").read_text())
+    expected = np.asarray(json.loads((LORA_DIR / "reference.json").read_text())["logits"])
+    logits = model(jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]),
+                   jnp.asarray(inputs["positions"]))
+    real = np.asarray(inputs["attention_mask"], bool)
+    np.testing.assert_allclose(np.asarray(logits)[real], expected[real], atol=2e-4, rtol=1e-4)
+
+
+def test_exported_adapters_give_peft_the_same_logits(tmp_path):
+    from safetensors.numpy import load_file
+
+    model, adapters, config = _generator().adapted_model()
+    _assert_matches_peft(model)
+    written = pj.export_peft(tmp_path, adapters, config)
+    stored = json.loads((LORA_DIR / "adapter_config.json").read_text())
+    for key in ("r", "lora_alpha", "rank_pattern", "alpha_pattern", "target_modules"):
+        assert written[key] == stored[key], key
+    ours = load_file(str(tmp_path / "adapter_model.safetensors"))
+    theirs = load_file(str(LORA_DIR / "adapter_model.safetensors"))
+    assert sorted(ours) == sorted(theirs)
+    assert "base_model.model.model.layers.2.mlp.down_proj.lora_A.weight" in ours
+    for name in ours:
+        np.testing.assert_array_equal(ours[name], theirs[name])
+
+
+def test_imported_peft_adapters_load_onto_the_nnx_model():
+    adapters, config = pj.import_peft(LORA_DIR)
+    _, model = load_gemma3_hf(DATA / "hf_tiny" / "gemma3")
+    pj.nnx.load_adapters(model, adapters, config)
+    _assert_matches_peft(model)
