@@ -198,14 +198,14 @@ class TestLoad:
 
     def test_unsupported_config(self, tmp_path):
         config = LlamaConfig.tiny()
-        hf_config = llama_config_to_hf_dict(config) | {"model_type": "mistral"}
+        hf_config = llama_config_to_hf_dict(config) | {"model_type": "falcon"}
         directory = write_hf_directory(
             tmp_path / "ckpt",
             config,
             torch_state_dict(config, random_params(config)),
             hf_config,
         )
-        with pytest.raises(ValueError, match="model_type='mistral'"):
+        with pytest.raises(ValueError, match="model_type='falcon'"):
             load_hf_checkpoint(directory)
 
 

@@ -407,8 +407,8 @@ def test_from_hf_dict_reads_the_smollm2_config():
     "change, message",
     [
         (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "rope_scaling"),
-        (dict(attention_bias=True), "attention_bias"),
-        (dict(model_type="qwen2"), "model_type"),
+        (dict(mlp_bias=True), "mlp_bias"),
+        (dict(model_type="phi3"), "model_type"),
         (dict(hidden_act="gelu"), "hidden_act"),
     ],
 )

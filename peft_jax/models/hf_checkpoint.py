@@ -44,6 +44,7 @@ __all__ = [
     "llama_config_to_hf_dict",
     "load_hf_checkpoint",
     "params_to_hf_state_dict",
+    "read_hf_checkpoint",
     "save_hf_checkpoint",
 ]
 
@@ -224,9 +225,10 @@ def llama_config_to_hf_dict(
       A JSON-serialisable dictionary for `transformers.LlamaConfig`.
     """
     torch_dtype = config.param_dtype if torch_dtype is None else torch_dtype
+    family = _hf_family(config)
     return {
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
+        "architectures": [family["architecture"]],
+        "model_type": family["model_type"],
         "vocab_size": config.vocab_size,
         "hidden_size": config.hidden_size,
         "intermediate_size": config.intermediate_size,
@@ -240,11 +242,44 @@ def llama_config_to_hf_dict(
         "rope_scaling": None,
         "tie_word_embeddings": config.tie_word_embeddings,
         "attention_dropout": config.attention_dropout,
-        "attention_bias": False,
+        "attention_bias": config.o_proj_bias,
         "mlp_bias": False,
         "hidden_act": "silu",
         "torch_dtype": jnp.dtype(torch_dtype).name,
+        **family["extra"],
     }
+
+
+def _hf_family(config: LlamaConfig) -> dict[str, Any]:
+    """The Hugging Face family that has the config's biases and window."""
+    if config.o_proj_bias and not config.qkv_bias:
+        raise ValueError(
+            "No Hugging Face Llama-shaped family has an o_proj bias without "
+            "q/k/v biases; this config cannot be written."
+        )
+    if config.qkv_bias and not config.o_proj_bias:
+        if config.sliding_window is not None:
+            raise ValueError(
+                "No Hugging Face family has q/k/v biases and a sliding window on "
+                "every layer; this config cannot be written."
+            )
+        return dict(
+            architecture="Qwen2ForCausalLM",
+            model_type="qwen2",
+            extra=dict(use_sliding_window=False, sliding_window=None),
+        )
+    if config.sliding_window is not None:
+        if config.qkv_bias:
+            raise ValueError(
+                "Hugging Face Mistral has no biases; a config with biases and a "
+                "sliding window cannot be written."
+            )
+        return dict(
+            architecture="MistralForCausalLM",
+            model_type="mistral",
+            extra=dict(sliding_window=config.sliding_window),
+        )
+    return dict(architecture="LlamaForCausalLM", model_type="llama", extra={})
 
 
 def _safetensors_files(directory: pathlib.Path) -> list[pathlib.Path]:
@@ -307,6 +342,33 @@ def load_hf_checkpoint(
       ValueError: if the config describes an unsupported variant, or the
         tensors do not match it.
     """
+    hf_config, state_dict = read_hf_checkpoint(directory)
+    overrides = dict(dtype=dtype, param_dtype=dtype) | config_overrides
+    overrides["scan_layers"] = scan_layers
+    config = LlamaConfig.from_hf_dict(hf_config, **overrides)
+    params = hf_state_dict_to_params(state_dict, config, dtype=dtype)
+    return config, params
+
+
+def read_hf_checkpoint(
+    directory: str | os.PathLike[str],
+) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+    """The parsed `config.json` and the numpy state dict of a checkpoint directory.
+
+    Any architecture: the model-specific loaders map the result.
+
+    Args:
+      directory: holds `config.json` and `model.safetensors`, or shards listed
+        in `model.safetensors.index.json`.
+
+    Returns:
+      `(hf_config, state_dict)`, tensors in PyTorch layout.
+
+    Raises:
+      FileNotFoundError: if the directory, `config.json` or the weights are
+        missing.
+      ValueError: if a tensor appears in two shards.
+    """
     safe_open = _require(
         "safetensors", "safetensors", "Reading safetensors checkpoints"
     ).safe_open
@@ -318,10 +380,6 @@ def load_hf_checkpoint(
     if not config_path.is_file():
         raise FileNotFoundError(f"No {CONFIG_FILE} in {directory}.")
     hf_config = json.loads(config_path.read_text(encoding="utf-8"))
-    overrides = dict(dtype=dtype, param_dtype=dtype) | config_overrides
-    overrides["scan_layers"] = scan_layers
-    config = LlamaConfig.from_hf_dict(hf_config, **overrides)
-
     state_dict = {}
     for file in _safetensors_files(directory):
         with safe_open(str(file), framework="np") as tensors:
@@ -329,8 +387,7 @@ def load_hf_checkpoint(
                 if name in state_dict:
                     raise ValueError(f"Tensor {name} appears in more than one shard.")
                 state_dict[name] = tensors.get_tensor(name)
-    params = hf_state_dict_to_params(state_dict, config, dtype=dtype)
-    return config, params
+    return hf_config, state_dict
 
 
 def save_hf_checkpoint(

@@ -38,6 +38,7 @@ import numpy as np
 import optax
 
 __all__ = [
+    "HF_MODEL_TYPES",
     "REMAT_POLICY_NAMES",
     "LlamaConfig",
     "LlamaRMSNorm",
@@ -94,6 +95,11 @@ class LlamaConfig:
         instead of a separate `lm_head`.
       attention_dropout: dropout rate on attention probabilities, active only
         when the model is called with `deterministic=False`.
+      qkv_bias: the query, key and value projections have biases (Qwen2).
+      o_proj_bias: the output projection has a bias (Llama's
+        `attention_bias=True` sets both).
+      sliding_window: a query sees at most this many keys, itself included
+        (Mistral); `None` is full causal attention.
       dtype: compute dtype of activations (e.g. `jnp.bfloat16`).
       param_dtype: storage dtype of parameters.
       scan_layers: run the decoder layers under `nn.scan` (stacked params).
@@ -115,6 +121,9 @@ class LlamaConfig:
     rope_theta: float = 10000.0
     tie_word_embeddings: bool = False
     attention_dropout: float = 0.0
+    qkv_bias: bool = False
+    o_proj_bias: bool = False
+    sliding_window: int | None = None
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     scan_layers: bool = False
@@ -192,7 +201,7 @@ class LlamaConfig:
 
     @classmethod
     def from_hf_dict(cls, hf_config: Mapping[str, Any], **overrides) -> LlamaConfig:
-        """Reads a Hugging Face Llama `config.json` dictionary.
+        """Reads a Hugging Face Llama, Qwen2 or Mistral `config.json` dictionary.
 
         Keys the file omits take Hugging Face's `LlamaConfig` defaults (note
         `rms_norm_eps=1e-6` there). Execution settings such as `dtype`,
@@ -220,11 +229,18 @@ class LlamaConfig:
         missing = [key for key in required if key not in hf_config]
         if missing:
             raise ValueError(f"Hugging Face config lacks required keys {missing}.")
+        model_type = hf_config.get("model_type", "llama")
+        if model_type not in HF_MODEL_TYPES:
+            raise ValueError(
+                f"Hugging Face config has model_type={model_type!r}; this model "
+                f"supports {HF_MODEL_TYPES}."
+            )
+        family = _hf_family_settings(hf_config, model_type)
+        rope = hf_config.get("rope_parameters") or {}
         unsupported = {
-            "model_type": (hf_config.get("model_type", "llama"), "llama"),
             "hidden_act": (hf_config.get("hidden_act", "silu"), "silu"),
             "rope_scaling": (hf_config.get("rope_scaling"), None),
-            "attention_bias": (hf_config.get("attention_bias", False), False),
+            "rope_parameters.rope_type": (rope.get("rope_type", "default"), "default"),
             "mlp_bias": (hf_config.get("mlp_bias", False), False),
         }
         for key, (found, supported) in unsupported.items():
@@ -239,17 +255,43 @@ class LlamaConfig:
             head_dim=hf_config.get("head_dim"),
             max_position_embeddings=hf_config.get("max_position_embeddings", 2048),
             rms_norm_eps=hf_config.get("rms_norm_eps", 1e-6),
-            rope_theta=float(hf_config.get("rope_theta", 10000.0)),
+            # transformers 5 writes rope_parameters, 4 wrote rope_theta.
+            rope_theta=float(rope.get("rope_theta", hf_config.get("rope_theta", 10000.0))),
             tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
             attention_dropout=float(hf_config.get("attention_dropout", 0.0)),
+            **family,
         )
         return cls(**(settings | overrides))
 
 
-def _dense(config: LlamaConfig, features: int, name: str) -> nn.Dense:
+# Hugging Face model types whose checkpoints `LlamaConfig.from_hf_dict` reads.
+HF_MODEL_TYPES = ("llama", "qwen2", "mistral")
+
+
+def _hf_family_settings(hf_config: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """Biases and sliding window of a Llama-shaped family's `config.json`."""
+    if model_type == "qwen2":
+        # Qwen2 always has q/k/v biases and never an o_proj bias; its window
+        # applies only with use_sliding_window, to layers past max_window_layers.
+        if hf_config.get("use_sliding_window", False):
+            raise ValueError(
+                "Hugging Face Qwen2 config has use_sliding_window=True; only "
+                "full attention is supported for Qwen2."
+            )
+        return dict(qkv_bias=True, o_proj_bias=False, sliding_window=None)
+    if model_type == "mistral":
+        window = hf_config.get("sliding_window")
+        return dict(sliding_window=None if window is None else int(window))
+    bias = bool(hf_config.get("attention_bias", False))
+    return dict(qkv_bias=bias, o_proj_bias=bias)
+
+
+def _dense(
+    config: LlamaConfig, features: int, name: str, use_bias: bool = False
+) -> nn.Dense:
     return nn.Dense(
         features,
-        use_bias=False,
+        use_bias=use_bias,
         dtype=config.dtype,
         param_dtype=config.param_dtype,
         kernel_init=nn.initializers.normal(_INIT_STDDEV),
@@ -324,9 +366,10 @@ class LlamaAttention(nn.Module):
         head_dim = config.head_dim
         group_size = num_heads // num_kv_heads
 
-        query = _dense(config, num_heads * head_dim, "q_proj")(hidden)
-        key = _dense(config, num_kv_heads * head_dim, "k_proj")(hidden)
-        value = _dense(config, num_kv_heads * head_dim, "v_proj")(hidden)
+        qkv_bias = config.qkv_bias
+        query = _dense(config, num_heads * head_dim, "q_proj", qkv_bias)(hidden)
+        key = _dense(config, num_kv_heads * head_dim, "k_proj", qkv_bias)(hidden)
+        value = _dense(config, num_kv_heads * head_dim, "v_proj", qkv_bias)(hidden)
         query = apply_rotary(query.reshape(batch, seq, num_heads, head_dim), cos, sin)
         key = apply_rotary(key.reshape(batch, seq, num_kv_heads, head_dim), cos, sin)
         value = value.reshape(batch, seq, num_kv_heads, head_dim)
@@ -341,7 +384,7 @@ class LlamaAttention(nn.Module):
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
         out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(config.dtype), value)
         out = out.reshape(batch, seq, num_heads * head_dim)
-        return _dense(config, config.hidden_size, "o_proj")(out)
+        return _dense(config, config.hidden_size, "o_proj", config.o_proj_bias)(out)
 
 
 class LlamaMLP(nn.Module):
@@ -459,6 +502,8 @@ class LlamaModel(nn.Module):
             positions = jnp.arange(seq)
         positions = jnp.broadcast_to(positions, input_ids.shape)
         mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
+        if config.sliding_window is not None:
+            mask = mask & ~jnp.tril(mask, -config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
         cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)

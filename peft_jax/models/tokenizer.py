@@ -30,9 +30,11 @@ from typing import Any
 import numpy as np
 
 from peft_jax.models._imports import require as _require
+from peft_jax.models.spm_tokenizer import sentencepiece_bpe_backend
 
 __all__ = [
     "GGUF_PRE_TOKENIZERS",
+    "SENTENCEPIECE_GGUF_ARCHITECTURES",
     "PretrainedTokenizer",
     "load_hf_tokenizer",
     "tokenizer_from_gguf",
@@ -59,6 +61,10 @@ GGUF_PRE_TOKENIZERS = {
     "smollm": dict(individual_digits=True, split_regex=None),
     "llama-bpe": dict(individual_digits=False, split_regex=_LLAMA3_SPLIT),
 }
+
+# Architectures whose SentencePiece vocabulary is in merge order with no
+# prefix space (Gemma's), which `sentencepiece_bpe_backend` rebuilds.
+SENTENCEPIECE_GGUF_ARCHITECTURES = ("gemma", "gemma2", "gemma3")
 
 
 class PretrainedTokenizer:
@@ -280,8 +286,9 @@ def tokenizer_from_gguf(path_or_reader) -> PretrainedTokenizer:
     Raises:
       FileNotFoundError: if the file does not exist.
       ValueError: if the file is not a GGUF file, has no tokenizer, or its
-        tokenizer is not byte-level BPE (`tokenizer.ggml.model == "gpt2"`)
-        with a supported pre-tokenizer.
+        tokenizer is neither byte-level BPE (`tokenizer.ggml.model == "gpt2"`)
+        with a supported pre-tokenizer nor the SentencePiece BPE of an
+        architecture in `SENTENCEPIECE_GGUF_ARCHITECTURES`.
     """
     from peft_jax.models.gguf import gguf_metadata, open_gguf
 
@@ -293,18 +300,34 @@ def tokenizer_from_gguf(path_or_reader) -> PretrainedTokenizer:
     model = gguf_metadata(reader, "tokenizer.ggml.model", None)
     if model is None:
         raise ValueError("GGUF file has no tokenizer (no tokenizer.ggml.model).")
-    if model != "gpt2":
-        raise ValueError(
-            f"GGUF tokenizer model {model!r} is not supported; only byte-level "
-            "BPE ('gpt2') is."
-        )
+    architecture = gguf_metadata(reader, "general.architecture", None)
     tokens = gguf_metadata(reader, "tokenizer.ggml.tokens")
-    backend = _byte_level_backend(
-        tokens,
-        gguf_metadata(reader, "tokenizer.ggml.merges", []),
-        gguf_metadata(reader, "tokenizer.ggml.token_type", None),
-        gguf_metadata(reader, "tokenizer.ggml.pre", "default"),
-    )
+    token_types = gguf_metadata(reader, "tokenizer.ggml.token_type", None)
+    if model == "gpt2":
+        backend = _byte_level_backend(
+            tokens,
+            gguf_metadata(reader, "tokenizer.ggml.merges", []),
+            token_types,
+            gguf_metadata(reader, "tokenizer.ggml.pre", "default"),
+        )
+    elif model == "llama" and architecture in SENTENCEPIECE_GGUF_ARCHITECTURES:
+        if gguf_metadata(reader, "tokenizer.ggml.add_space_prefix", False):
+            raise ValueError(
+                "GGUF SentencePiece tokenizer asks for a prefix space, which the "
+                f"{architecture!r} tokenizer rebuilt here does not add."
+            )
+        unk_id = gguf_metadata(reader, "tokenizer.ggml.unknown_token_id", None)
+        backend = sentencepiece_bpe_backend(
+            tokens,
+            token_types,
+            unk_token=tokens[unk_id] if unk_id is not None else "<unk>",
+        )
+    else:
+        raise ValueError(
+            f"GGUF tokenizer model {model!r} is not supported for architecture "
+            f"{architecture!r}; byte-level BPE ('gpt2') and the SentencePiece BPE "
+            f"('llama') of {SENTENCEPIECE_GGUF_ARCHITECTURES} are."
+        )
     return PretrainedTokenizer(
         backend,
         bos_token_id=gguf_metadata(reader, "tokenizer.ggml.bos_token_id", None),
