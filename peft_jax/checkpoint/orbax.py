@@ -37,7 +37,7 @@ from peft_jax.checkpoint import leaves as leaves_lib
 from peft_jax.checkpoint import untrusted as ut
 from peft_jax.lora import fit
 from peft_jax.lora import layout as layout_lib
-from peft_jax.lora.config import LoRAConfig, config_from_file
+from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.tree import adapter_modules, is_adapter_path
 
 # 2: the manifest lists every array with its CRC-32; quantized leaves by type tag.
@@ -241,7 +241,7 @@ def _read(path: str, kind: str, with_config: bool):
   config = None
   if with_config:
     # Refuse a newer or malformed config before reading any array.
-    config = config_from_file(
+    config = ut.config_from_file(
         _restore_item(checkpointer, path, "config", ocp.args.JsonRestore()),
         os.path.join(path, "config"))
   file = os.path.join(path, "adapters")

@@ -8,12 +8,15 @@ Nothing here imports or calls anything a file names.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import re
 from collections.abc import Mapping
 from typing import Any
+
+from peft_jax.lora.config import CONFIG_FORMAT_VERSION, LoRAConfig, config_from_dict
 
 # Longest module name or pattern key accepted from a file; real ones are < 200.
 MAX_NAME_CHARS = 1000
@@ -142,3 +145,40 @@ def check_name(name: Any, what: str = "adapter name") -> str:
     raise ValueError(f"The {what} {show(name)} must be a plain folder name: non-empty, "
                      "no '/', '\\', NUL or control characters, not starting with '.'.")
   return name
+
+
+def config_from_file(d: object, file: object) -> LoRAConfig:
+  """:func:`config_from_dict` for a dict read from ``file``: one readable error per problem.
+
+  Fields must have the JSON type of their default (a bool stays a bool, a
+  name list holds strings), and ``rank_pattern``/``alpha_pattern`` keys are
+  exact module names (or ``/``-suffixes), never regular expressions: a file
+  cannot stall a load with a pathological pattern.
+
+  Raises:
+    ValueError: naming ``file``, the field and the value.
+  """
+  d = require_dict(file, "config", d)
+  for name in ("rank_pattern", "alpha_pattern"):
+    if name in d:
+      d[name] = literal_patterns(file, name, d[name])
+  version = d.get("format_version", CONFIG_FORMAT_VERSION)
+  require_int(file, "format_version", version, low=1)
+  require_str(file, "config_class", d.get("config_class", "LoRAConfig"))
+  defaults = {f.name: f.default for f in dataclasses.fields(LoRAConfig)}
+  for name, value in d.items():
+    default = defaults.get(name, dataclasses.MISSING)
+    if isinstance(default, bool):
+      require_bool(file, name, value)
+    elif isinstance(default, (int, float)) and not isinstance(value, bool):
+      require_number(file, name, value)
+    elif isinstance(default, (int, float)):
+      raise malformed(file, name, value, "expected a number")
+    if isinstance(value, list) and not all(isinstance(v, (str, int)) for v in value):
+      raise malformed(file, name, value, "expected a list of names or indices")
+    if isinstance(value, str) and len(value) > MAX_NAME_CHARS:
+      raise malformed(file, name, value, "too long")
+  try:
+    return config_from_dict(d)
+  except (TypeError, ValueError, KeyError, OverflowError, re.error) as error:
+    raise FileFormatError(f"{file}: invalid config: {error}") from None
