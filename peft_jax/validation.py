@@ -88,12 +88,19 @@ def number(value: Any, name: str, *, low: float | None = None, high: float | Non
 def integer(value: Any, name: str, *, low: int | None = 1, high: int | None = None) -> int:
   """Checks that ``value`` is an integer (not a bool or float) within ``[low, high]``.
 
+  0-d integer arrays count as integers; a tracer passes unchecked.
+
   Returns:
-    ``int(value)``.
+    ``int(value)`` (a tracer unchanged).
 
   Raises:
     InvalidValue: otherwise, naming ``name`` and the value.
   """
+  if _is_traced(value):
+    return value
+  if isinstance(value, (np.ndarray, jax.Array)) and value.shape == () and np.issubdtype(
+      value.dtype, np.integer):  # e.g. from optax.inject_hyperparams
+    value = value.item()
   ok = isinstance(value, (numbers.Integral, np.integer)) and not isinstance(
       value, (bool, np.bool_))
   if ok:
@@ -138,10 +145,9 @@ def finite_array(x: Any, name: str) -> None:
   """
   if _is_traced(x) or not jnp.issubdtype(jnp.result_type(x), jnp.inexact):
     return
-  finite = np.asarray(jnp.isfinite(x))
-  if finite.all():
+  if bool(jnp.all(jnp.isfinite(x))):  # one scalar to the host in the common case
     return
-  bad = np.argwhere(~finite)
+  bad = np.argwhere(~np.asarray(jnp.isfinite(x)))
   first = tuple(int(i) for i in bad[0])
   value = np.asarray(x)[first] if first else np.asarray(x)
   raise InvalidValue(f"{name} holds {len(bad)} non-finite value(s) (first: {value} at index "

@@ -656,41 +656,42 @@ def run_finetune(args) -> dict[str, Any]:
                    state=state, start_step=start, losses=losses,
                    save_every=getattr(args, "save_every", 0), on_save=save_point,
                    interrupt=interrupt)
-  if result.stopped is not None:
-    done = len(result.losses)
-    save_point(result.state, done, result.losses)
-    if result.stopped == "interrupted":
-      print(f"peft-jax finetune: interrupted after step {done}/{args.steps}; the adapter and a "
-            f"resumable checkpoint are in {out}. Continue with the same command plus --resume.",
-            file=sys.stderr)
-      raise SystemExit(130)
-    raise CliError(f"{result.error} Stopped; the last good state (step {done}) is saved in "
-                   f"{out} (adapter and {resume_lib.RESUME_FILE}).")
-  after = evaluate(model, setup, result.state.trainable, tokens, eval_loss=eval_loss, **eval_kw)
-  print(f"held-out loss after:  {after:.4f} (perplexity {np.exp(after):.2f})")
-  out.mkdir(parents=True, exist_ok=True)
-  saved, saved_config = save_result(out, setup, result.state)
-  steady = result.step_seconds[1:] or result.step_seconds
-  summary = {
-      "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
-      "data": args.data or "shipped Shakespeare excerpt",
-      "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-      "trainable_params": n_trainable, "total_params": n_total,
-      "eval_loss_before": before, "eval_loss_after": after,
-      "eval_perplexity_before": float(np.exp(before)),
-      "eval_perplexity_after": float(np.exp(after)),
-      "train_losses": result.losses, "resumed_from_step": start if resume else None,
-      "compile_and_first_step_s": result.step_seconds[0] if result.step_seconds else None,
-      "median_step_s": float(np.median(steady)) if steady else None,
-      "tokens_per_s": (args.batch * args.seq_len / float(np.median(steady))) if steady else None,
-      "hyperparameters": dataclasses.asdict(hp),
-      "saved": str(saved), "saved_bytes": dir_bytes(saved),
-      "adapter_config": saved_config.to_dict() if saved_config is not None else None,
-  }
-  tmp = out / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
-  tmp.write_text(json.dumps(summary, indent=2, default=str))
-  os.replace(tmp, out / SUMMARY_FILE)
-  resume_lib.remove(out)  # the run is complete: nothing left to resume
+    # Ctrl-C from here on is only noted: what follows saves the run anyway.
+    if result.stopped is not None:
+      done = len(result.losses)
+      save_point(result.state, done, result.losses)
+      if result.stopped == "interrupted":
+        print(f"peft-jax finetune: interrupted after step {done}/{args.steps}; the adapter and a "
+              f"resumable checkpoint are in {out}. Continue with the same command plus --resume.",
+              file=sys.stderr)
+        raise SystemExit(130)
+      raise CliError(f"{result.error} Stopped; the last good state (step {done}) is saved in "
+                     f"{out} (adapter and {resume_lib.RESUME_FILE}).")
+    after = evaluate(model, setup, result.state.trainable, tokens, eval_loss=eval_loss, **eval_kw)
+    print(f"held-out loss after:  {after:.4f} (perplexity {np.exp(after):.2f})")
+    out.mkdir(parents=True, exist_ok=True)
+    saved, saved_config = save_result(out, setup, result.state)
+    steady = result.step_seconds[1:] or result.step_seconds
+    summary = {
+        "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
+        "data": args.data or "shipped Shakespeare excerpt",
+        "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+        "trainable_params": n_trainable, "total_params": n_total,
+        "eval_loss_before": before, "eval_loss_after": after,
+        "eval_perplexity_before": float(np.exp(before)),
+        "eval_perplexity_after": float(np.exp(after)),
+        "train_losses": result.losses, "resumed_from_step": start if resume else None,
+        "compile_and_first_step_s": result.step_seconds[0] if result.step_seconds else None,
+        "median_step_s": float(np.median(steady)) if steady else None,
+        "tokens_per_s": (args.batch * args.seq_len / float(np.median(steady))) if steady else None,
+        "hyperparameters": dataclasses.asdict(hp),
+        "saved": str(saved), "saved_bytes": dir_bytes(saved),
+        "adapter_config": saved_config.to_dict() if saved_config is not None else None,
+    }
+    tmp = out / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / SUMMARY_FILE)
+    resume_lib.remove(out)  # the run is complete: nothing left to resume
   kind = "adapter" if saved_config is not None else "params"
   print(f"{kind} saved to {saved} ({summary['saved_bytes'] / 2**20:.2f} MiB); "
         f"summary in {out / SUMMARY_FILE}")

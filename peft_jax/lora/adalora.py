@@ -151,8 +151,11 @@ class AdaLoRAConfig(LoRAConfig):
           "tinit or tfinal, or increase total_step.")
     _check_positive_int(self.deltaT, "deltaT")
     for name in ("beta1", "beta2"):
-      validation.number(getattr(self, name), name, low=0.0, high=1.0, low_open=True,
-                        high_open=True)
+      value = getattr(self, name)
+      try:
+        validation.number(value, name, low=0.0, high=1.0, low_open=True, high_open=True)
+      except validation.InvalidValue:
+        raise validation.InvalidValue(f"{name} must be in (0, 1), got {value!r}.") from None
     validation.number(self.orth_reg_weight, "orth_reg_weight", low=0.0)
     if self.use_dora:
       raise ValueError("AdaLoRA does not support DoRA (use_dora=True).")
@@ -188,7 +191,10 @@ class AdaLoRAConfig(LoRAConfig):
 
 
 def _check_positive_int(value: Any, name: str) -> None:
-  validation.integer(value, name, low=1)
+  try:
+    validation.integer(value, name, low=1)
+  except validation.InvalidValue:
+    raise validation.InvalidValue(f"{name} must be a positive integer, got {value!r}.") from None
 
 
 def _batch_ndim(kernel_shape, a_shape, b_shape) -> int:
