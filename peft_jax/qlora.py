@@ -15,7 +15,7 @@ from typing import Any
 import jax
 
 from peft_jax import targeting
-from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora.config import LoRAConfig, _check_targets
 from peft_jax.lora.transform import lora_transform
 from peft_jax.quant import NF4, is_quantized, quantize
 
@@ -48,8 +48,9 @@ class QLoRAConfig(LoRAConfig):
     super().__post_init__()
     if self.bits != 4:
       raise ValueError(f"QLoRA quantizes to 4 bits; bits={self.bits} is not supported.")
-    if self.quantize_modules is not None and not isinstance(self.quantize_modules, str):
-      object.__setattr__(self, "quantize_modules", tuple(self.quantize_modules))
+    if self.quantize_modules is not None:
+      object.__setattr__(self, "quantize_modules",
+                         _check_targets(self.quantize_modules, "quantize_modules"))
     self.quant_spec()  # validates block size, quant type and compute dtype
 
   def quant_spec(self) -> NF4:

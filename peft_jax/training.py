@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from peft_jax.lora.config import LoRAConfig
@@ -49,6 +50,12 @@ def make_train_step(
   (weight decay, GaLore, AdaLoRA's allocator) work unchanged. The trainable
   state is donated: its buffers are reused for the new state.
 
+  A step whose loss or gradients are not finite changes nothing: it returns
+  the incoming state (``step`` not advanced) and a NaN loss, so the state in
+  hand is always the last good one. Check the losses with
+  :func:`check_finite_losses` (at logging points and before saving) to stop
+  such a run.
+
   Args:
     model: the Flax model.
     config: the adapters' config (``None`` for full fine-tuning).
@@ -66,9 +73,18 @@ def make_train_step(
     loss, grads = jax.value_and_grad(objective)(state.trainable)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    return TrainState(state.step + 1, trainable, opt_state), loss
+    new = TrainState(state.step + 1, trainable, opt_state)
+    finite = jnp.isfinite(loss) & _all_finite(grads)
+    kept = jax.tree.map(lambda n, o: jax.lax.select(finite, n, o), new, state)
+    return kept, jnp.where(finite, loss, jnp.nan)
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
 def init_train_state(trainable: Any, optimizer: optax.GradientTransformation) -> TrainState:
@@ -79,3 +95,34 @@ def init_train_state(trainable: Any, optimizer: optax.GradientTransformation) ->
 def make_eval_loss(model: nn.Module, config: LoRAConfig | None):
   """Jitted ``eval_loss(params, inputs, labels)`` without dropout."""
   return jax.jit(lambda params, inputs, labels: lm_loss(model, config, params, inputs, labels))
+
+
+class NonFiniteLossError(FloatingPointError):
+  """A training loss (or its gradients) became NaN or infinite."""
+
+  def __init__(self, step: int, value: float):
+    super().__init__(f"the loss became non-finite at step {step} (loss {value}; a NaN here "
+                     "can also mean non-finite gradients). The step was not applied; lower "
+                     "the learning rate, or check the data and the model's dtype.")
+    self.step, self.value = step, value
+
+
+def check_finite_losses(losses: Sequence[Any], first_step: int = 0) -> list[float]:
+  """Fetches ``losses`` (device scalars of steps ``first_step, ...``) in one transfer.
+
+  Call it at logging points and before every save rather than after each
+  step, so the device is not synchronised per step.
+
+  Returns:
+    The losses as Python floats.
+
+  Raises:
+    NonFiniteLossError: naming the first step whose loss is not finite.
+  """
+  if not losses:
+    return []
+  values = np.asarray(jax.device_get(jnp.stack([jnp.asarray(x) for x in losses])), np.float64)
+  bad = np.flatnonzero(~np.isfinite(values))
+  if bad.size:
+    raise NonFiniteLossError(first_step + int(bad[0]), float(values[bad[0]]))
+  return values.tolist()

@@ -15,9 +15,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
 import pathlib
+import signal
 import sys
+import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from typing import Any, NamedTuple
 
@@ -28,6 +33,8 @@ import optax
 
 import peft_jax as pj
 from peft_jax import checkpoint, data, training
+from peft_jax.cli import resume as resume_lib
+from peft_jax.lora.config import MAX_ALPHA
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, count_params, init_params
 
 METHODS = ("lora", "rslora", "dora", "qlora", "loraplus", "galore", "lisa", "adalora", "full")
@@ -166,20 +173,28 @@ class Hyperparameters:
   seed: int = 0
 
   def validate(self) -> None:
-    """Raises :class:`CliError` naming the first bad value."""
+    """Raises :class:`CliError` naming the first bad value (NaN and inf included)."""
     if self.method not in METHODS:
       raise CliError(f"unknown method {self.method!r}; choose one of {', '.join(METHODS)}.")
-    positive = {"--rank": self.rank, "--alpha": self.alpha, "--lr": self.lr,
-                "--steps": self.steps, "--loraplus-ratio": self.loraplus_ratio,
-                "--galore-rank": self.galore_rank, "--galore-update-gap": self.galore_update_gap,
+    integers = {"--rank": self.rank, "--steps": self.steps, "--galore-rank": self.galore_rank,
+                "--galore-update-gap": self.galore_update_gap,
                 "--lisa-layers": self.lisa_layers, "--lisa-interval": self.lisa_interval}
-    for flag, value in positive.items():
+    for flag, value in integers.items():
       if not value > 0:
         raise CliError(f"{flag} must be > 0, got {value}.")
+    positive = {"--alpha": self.alpha, "--lr": self.lr, "--loraplus-ratio": self.loraplus_ratio}
+    for flag, value in positive.items():
+      if not (value > 0 and math.isfinite(value)):
+        raise CliError(f"{flag} must be > 0 and finite, got {value}.")
+    if not self.alpha <= MAX_ALPHA:
+      raise CliError(f"--alpha must be <= {MAX_ALPHA:g} (alpha / rank scales the adapter "
+                     f"output), got {self.alpha}.")
     if not 0.0 <= self.dropout < 1.0:
       raise CliError(f"--dropout must be in [0, 1), got {self.dropout}.")
-    if self.weight_decay < 0:
-      raise CliError(f"--weight-decay must be >= 0, got {self.weight_decay}.")
+    if not (self.weight_decay >= 0 and math.isfinite(self.weight_decay)):
+      raise CliError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}.")
+    if self.seed < 0:
+      raise CliError(f"--seed must be >= 0, got {self.seed}.")
 
 
 def parse_targets(spec: str) -> Any:
@@ -383,33 +398,100 @@ class Progress:
 
 
 class TrainResult(NamedTuple):
-  """What :func:`train` returns: the final state and per-step figures."""
+  """What :func:`train` returns: the final state and per-step figures.
+
+  ``stopped`` is ``None`` when every step ran, ``"interrupted"`` after
+  Ctrl-C, or ``"non-finite"`` when a loss was NaN or infinite (``error``
+  says where; ``state`` is then the last good state, before that step).
+  """
 
   state: training.TrainState
   losses: list[float]
-  step_seconds: list[float]  # step 0 includes compilation
+  step_seconds: list[float]  # the first includes compilation
+  stopped: str | None = None
+  error: training.NonFiniteLossError | None = None
+
+
+class Interrupt:
+  """Catches SIGINT during training: the first asks the loop to save and stop.
+
+  A second SIGINT raises ``KeyboardInterrupt`` at once. Outside the main
+  thread (where signals cannot be caught) it does nothing.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._previous = None
+
+  def __enter__(self) -> "Interrupt":
+    if threading.current_thread() is threading.main_thread():
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def _handle(self, signum, frame):  # pylint: disable=unused-argument
+    if self.requested:
+      raise KeyboardInterrupt
+    self.requested = True
+    print("\npeft-jax: interrupted; saving a resumable checkpoint after this step "
+          "(Ctrl-C again to abort without saving).", file=sys.stderr, flush=True)
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
 
 
 def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: int, seed: int,
-          progress: Progress | None = None) -> TrainResult:
-  """Runs ``steps`` train steps, timing each with ``block_until_ready``."""
+          progress: Progress | None = None, state: training.TrainState | None = None,
+          start_step: int = 0, losses: list[float] | None = None, save_every: int = 0,
+          on_save: Callable | None = None, interrupt: Interrupt | None = None) -> TrainResult:
+  """Runs train steps ``start_step .. steps - 1``, timing each with a blocking loss fetch.
+
+  Args:
+    model, setup: what to train.
+    batches: the training batches, positioned at ``start_step``.
+    steps: the total number of steps of the run.
+    seed: seeds dropout (step ``i`` uses ``fold_in(key, i)``, so a resumed
+      run draws what an uninterrupted one would).
+    progress: the progress bar.
+    state: the state to continue from (default: a fresh one).
+    start_step: steps already applied to ``state``.
+    losses: their losses.
+    save_every: call ``on_save(state, step, losses)`` every this many steps
+      (0: never).
+    on_save: the periodic save.
+    interrupt: stops the loop (after the current step) once ``requested``.
+
+  Returns:
+    The :class:`TrainResult`; ``losses`` covers every applied step.
+  """
   step_fn = training.make_train_step(model.module, setup.config, setup.optimizer,
                                      loss_fn=setup.loss_fn)
-  state = training.init_train_state(setup.trainable, setup.optimizer)
+  if state is None:
+    state = training.init_train_state(setup.trainable, setup.optimizer)
   key = jax.random.fold_in(jax.random.key(seed), 2)
-  losses, seconds = [], []
-  for i in range(steps):
+  losses, seconds = list(losses or []), []
+  stopped, error = None, None
+  for i in range(start_step, steps):
     inputs, labels = next(batches)
     t0 = time.perf_counter()
     state, loss = step_fn(state, setup.base, inputs, labels, jax.random.fold_in(key, i))
-    losses.append(float(loss))  # blocks, so the time is the step's
+    try:  # fetching the loss blocks, so the time is the step's
+      losses.extend(training.check_finite_losses([loss], first_step=i))
+    except training.NonFiniteLossError as caught:
+      stopped, error = "non-finite", caught
+      break
     seconds.append(time.perf_counter() - t0)
     if progress is not None:
       steady = float(np.median(seconds[1:])) if len(seconds) > 1 else None
       progress.update(i + 1, losses[-1], steady)
+    if i + 1 < steps and interrupt is not None and interrupt.requested:
+      stopped = "interrupted"
+      break
+    if i + 1 < steps and save_every and on_save is not None and (i + 1) % save_every == 0:
+      on_save(state, i + 1, losses)
   if progress is not None:
     progress.close()
-  return TrainResult(state, losses, seconds)
+  return TrainResult(state, losses, seconds, stopped, error)
 
 
 def dir_bytes(path: str | pathlib.Path) -> int:
@@ -434,8 +516,99 @@ def save_result(out: pathlib.Path, setup: MethodSetup, state: training.TrainStat
   return path, config
 
 
+def check_output(out: pathlib.Path, *, resume: bool) -> None:
+  """Checks ``--output`` before any work: a writable run directory (or creatable).
+
+  Raises:
+    CliError: a file in the way, an unwritable place, a ``summary.json``
+      that is not ours, ``--resume`` without a resume file, or a resume file
+      (an unfinished run) without ``--resume``.
+  """
+  if out.exists() and not out.is_dir():
+    raise CliError(f"--output {out} is a file, not a run directory.")
+  probe = out
+  while not probe.exists() and probe != probe.parent:
+    probe = probe.parent
+  if not probe.is_dir():
+    raise CliError(f"--output {out}: {probe} is not a directory.")
+  if not os.access(probe, os.W_OK | os.X_OK):
+    raise CliError(f"--output {out}: {probe} is not writable.")
+  summary = out / SUMMARY_FILE
+  if summary.exists() and not _is_our_summary(summary):
+    raise CliError(f"--output {out} holds a {SUMMARY_FILE} that peft-jax did not write; "
+                   "choose another --output.")
+  has_resume = resume_lib.resume_path(out).is_file()
+  if resume and not has_resume:
+    raise CliError(f"--resume: {out} holds no {resume_lib.RESUME_FILE} (no interrupted run "
+                   "to continue).")
+  if not resume and has_resume:
+    raise CliError(f"--output {out} holds an unfinished run ({resume_lib.RESUME_FILE}); "
+                   "continue it with --resume, or choose another --output.")
+
+
+def _is_our_summary(path: pathlib.Path) -> bool:
+  try:
+    summary = json.loads(path.read_text())
+  except (OSError, ValueError):
+    return False
+  return isinstance(summary, dict) and {"model", "method", "hyperparameters"} <= summary.keys()
+
+
+def check_run_options(args) -> None:
+  """Raises :class:`CliError` for a bad ``--batch``/``--seq-len``/``--eval-batches``/...."""
+  for flag, value in (("--batch", args.batch), ("--eval-batches", args.eval_batches)):
+    if not value > 0:
+      raise CliError(f"{flag} must be > 0, got {value}.")
+  if args.seq_len <= 1:
+    raise CliError(f"--seq-len must be > 1, got {args.seq_len}.")
+  if getattr(args, "save_every", 0) < 0:
+    raise CliError(f"--save-every must be >= 0, got {args.save_every}.")
+
+
+def run_settings(args, hp: Hyperparameters, model: LoadedModel, tokens: np.ndarray
+                 ) -> dict[str, Any]:
+  """What a resumed run must share with the interrupted one (JSON-normalised)."""
+  settings = {"model": model.name, "dtype": args.dtype, "batch": args.batch,
+              "seq_len": args.seq_len, "data": args.data, "tokens": int(len(tokens)),
+              "tokens_crc32": zlib.crc32(np.ascontiguousarray(tokens).tobytes()),
+              **dataclasses.asdict(hp)}
+  return json.loads(json.dumps(settings, default=str))
+
+
+def _resume_state(out: pathlib.Path, template: training.TrainState, settings: dict[str, Any]
+                  ) -> tuple[training.TrainState, int, list[float]]:
+  try:
+    meta = resume_lib.read_meta(out)
+    then = meta.get("settings") or {}
+    differ = [k for k in settings if then.get(k) != settings[k]]
+    if differ:
+      raise CliError("--resume: this command differs from the interrupted run in " + ", ".join(
+          f"{k} ({settings[k]!r} now, {then.get(k)!r} then)" for k in differ[:3])
+          + "; rerun it with the same options.")
+    state, meta = resume_lib.load_state(out, template)
+  except resume_lib.ResumeError as error:
+    raise CliError(str(error)) from None
+  step, losses = meta.get("step"), meta.get("losses")
+  if (not isinstance(step, int) or not 0 <= step < settings["steps"]
+      or not isinstance(losses, list) or len(losses) != step):
+    raise CliError(f"--resume: {resume_lib.resume_path(out)} has an invalid step {step!r}.")
+  return state, step, [float(x) for x in losses]
+
+
+def _init_state(setup: MethodSetup, hp: Hyperparameters) -> training.TrainState:
+  try:
+    return training.init_train_state(setup.trainable, setup.optimizer)
+  except (ValueError, TypeError) as error:
+    raise CliError(f"{hp.method}: {error}") from None
+
+
 def run_finetune(args) -> dict[str, Any]:
   """``peft-jax finetune``: train, evaluate before and after, save, summarize.
+
+  Every option is checked before training starts. Ctrl-C saves the adapter
+  and a resumable checkpoint (``resume.npz``) and exits with status 130;
+  ``--resume`` continues such a run. A non-finite loss stops the run with
+  the last good state saved (a :class:`CliError`, exit status 2).
 
   Args:
     args: the parsed command line (see ``peft_jax.cli.main``).
@@ -445,46 +618,80 @@ def run_finetune(args) -> dict[str, Any]:
   """
   hp = hyperparameters_from_args(args)
   hp.validate()
+  check_run_options(args)
+  out = pathlib.Path(args.output)
+  resume = getattr(args, "resume", False)
+  check_output(out, resume=resume)
   model = load_model(args.model, dtype=args.dtype, seed=args.seed,
                      fallback=not args.model_given)
   tokens = load_tokens(model, args.data)
   check_windows(tokens, args.batch, args.seq_len)
   setup = build_method(hp, model, dtype=args.dtype)
+  settings = run_settings(args, hp, model, tokens)
+  state, start, losses = _init_state(setup, hp), 0, []
+  if resume:
+    state, start, losses = _resume_state(out, state, settings)
   n_trainable, n_total = count_params(setup.trainable), count_params(model.params)
   print(f"peft-jax finetune: {model.name} ({n_total:,} params), {hp.method}: {n_trainable:,} "
         f"trainable ({100 * n_trainable / n_total:.2f}%), {len(tokens):,} tokens, "
-        f"{args.steps} steps of {args.batch} x {args.seq_len}, {jax.devices()[0].platform}")
+        f"{args.steps} steps of {args.batch} x {args.seq_len}, {jax.devices()[0].platform}"
+        + (f"; resuming after step {start}" if resume else ""))
   eval_kw = dict(batch=args.batch, seq_len=args.seq_len, num_batches=args.eval_batches,
                  seed=args.seed)
   eval_loss = training.make_eval_loss(model.module, setup.config)
   before = evaluate(model, setup, setup.trainable, tokens, eval_loss=eval_loss, **eval_kw)
   print(f"held-out loss before: {before:.4f} (perplexity {np.exp(before):.2f})")
   batches = data.batches(tokens, args.batch, args.seq_len, seed=args.seed + 1, split="train")
+  for _ in range(start):  # the data position: one batch per applied step
+    next(batches)
+
+  def save_point(state, step, losses):
+    out.mkdir(parents=True, exist_ok=True)
+    resume_lib.save_state(out, state, step=step, losses=losses, settings=settings)
+    save_result(out, setup, state)
+
   progress = Progress(args.steps, args.batch * args.seq_len)
-  result = train(model, setup, batches, steps=args.steps, seed=args.seed, progress=progress)
-  after = evaluate(model, setup, result.state.trainable, tokens, eval_loss=eval_loss, **eval_kw)
-  print(f"held-out loss after:  {after:.4f} (perplexity {np.exp(after):.2f})")
-  out = pathlib.Path(args.output)
-  out.mkdir(parents=True, exist_ok=True)
-  saved, saved_config = save_result(out, setup, result.state)
-  steady = result.step_seconds[1:] or result.step_seconds
-  summary = {
-      "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
-      "data": args.data or "shipped Shakespeare excerpt",
-      "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
-      "trainable_params": n_trainable, "total_params": n_total,
-      "eval_loss_before": before, "eval_loss_after": after,
-      "eval_perplexity_before": float(np.exp(before)),
-      "eval_perplexity_after": float(np.exp(after)),
-      "train_losses": result.losses,
-      "compile_and_first_step_s": result.step_seconds[0],
-      "median_step_s": float(np.median(steady)),
-      "tokens_per_s": args.batch * args.seq_len / float(np.median(steady)),
-      "hyperparameters": dataclasses.asdict(hp),
-      "saved": str(saved), "saved_bytes": dir_bytes(saved),
-      "adapter_config": saved_config.to_dict() if saved_config is not None else None,
-  }
-  (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+  with Interrupt() as interrupt:
+    result = train(model, setup, batches, steps=args.steps, seed=args.seed, progress=progress,
+                   state=state, start_step=start, losses=losses,
+                   save_every=getattr(args, "save_every", 0), on_save=save_point,
+                   interrupt=interrupt)
+    # Ctrl-C from here on is only noted: what follows saves the run anyway.
+    if result.stopped is not None:
+      done = len(result.losses)
+      save_point(result.state, done, result.losses)
+      if result.stopped == "interrupted":
+        print(f"peft-jax finetune: interrupted after step {done}/{args.steps}; the adapter and a "
+              f"resumable checkpoint are in {out}. Continue with the same command plus --resume.",
+              file=sys.stderr)
+        raise SystemExit(130)
+      raise CliError(f"{result.error} Stopped; the last good state (step {done}) is saved in "
+                     f"{out} (adapter and {resume_lib.RESUME_FILE}).")
+    after = evaluate(model, setup, result.state.trainable, tokens, eval_loss=eval_loss, **eval_kw)
+    print(f"held-out loss after:  {after:.4f} (perplexity {np.exp(after):.2f})")
+    out.mkdir(parents=True, exist_ok=True)
+    saved, saved_config = save_result(out, setup, result.state)
+    steady = result.step_seconds[1:] or result.step_seconds
+    summary = {
+        "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
+        "data": args.data or "shipped Shakespeare excerpt",
+        "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+        "trainable_params": n_trainable, "total_params": n_total,
+        "eval_loss_before": before, "eval_loss_after": after,
+        "eval_perplexity_before": float(np.exp(before)),
+        "eval_perplexity_after": float(np.exp(after)),
+        "train_losses": result.losses, "resumed_from_step": start if resume else None,
+        "compile_and_first_step_s": result.step_seconds[0] if result.step_seconds else None,
+        "median_step_s": float(np.median(steady)) if steady else None,
+        "tokens_per_s": (args.batch * args.seq_len / float(np.median(steady))) if steady else None,
+        "hyperparameters": dataclasses.asdict(hp),
+        "saved": str(saved), "saved_bytes": dir_bytes(saved),
+        "adapter_config": saved_config.to_dict() if saved_config is not None else None,
+    }
+    tmp = out / f".{SUMMARY_FILE}.tmp-{os.getpid()}"
+    tmp.write_text(json.dumps(summary, indent=2, default=str))
+    os.replace(tmp, out / SUMMARY_FILE)
+    resume_lib.remove(out)  # the run is complete: nothing left to resume
   kind = "adapter" if saved_config is not None else "params"
   print(f"{kind} saved to {saved} ({summary['saved_bytes'] / 2**20:.2f} MiB); "
         f"summary in {out / SUMMARY_FILE}")

@@ -13,8 +13,11 @@ Commands:
   compare    every chosen method side by side on a short schedule
 
 User errors (a missing file, an adapter that does not fit the model, an
-unknown method, bad hyperparameters) exit with status 2 and one line on
-stderr.
+unknown method, bad hyperparameters, a bad --output) exit with status 2 and
+one line on stderr, before any training. A training loss that becomes NaN or
+infinite stops finetune with status 2 (the last good adapter saved). Ctrl-C
+during finetune saves the adapter and a resumable checkpoint and exits with
+status 130; rerun the same command with --resume to continue.
 """
 
 from __future__ import annotations
@@ -22,12 +25,20 @@ from __future__ import annotations
 import argparse
 import sys
 
+from peft_jax import validation
 from peft_jax.cli import commands
 from peft_jax.cli import finetune as ft
 
 _COMMANDS = ("finetune", "generate", "merge", "export-hf", "compare")
 # Options whose "was it given?" matters: a run's summary fills them otherwise.
 _REMEMBERED = {"model": "smollm2", "dtype": "float32", "seed": 0}
+
+
+class _Parser(argparse.ArgumentParser):
+  """Reports a usage error as one line on stderr (status 2), like every user error."""
+
+  def error(self, message):
+    self.exit(2, f"{self.prog}: error: {' '.join(message.split())} (see {self.prog} -h)\n")
 
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
@@ -65,7 +76,7 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, batch:
 
 def build_parser() -> argparse.ArgumentParser:
   """The ``peft-jax`` argument parser."""
-  parser = argparse.ArgumentParser(
+  parser = _Parser(
       prog="peft-jax", description=__doc__.replace("``", ""),
       formatter_class=argparse.RawDescriptionHelpFormatter)
   sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -75,6 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
   finetune.add_argument("--method", default="lora", choices=ft.METHODS)
   finetune.add_argument("--output", default="runs/peft-jax",
                         help="run directory: adapter/ (or params/) and summary.json")
+  finetune.add_argument("--resume", action="store_true",
+                        help="continue the interrupted run in --output (same options)")
+  finetune.add_argument("--save-every", type=int, default=0,
+                        help="also save the adapter and a resumable checkpoint every N "
+                             "steps (default 0: only on Ctrl-C or a non-finite loss)")
 
   generate = sub.add_parser("generate", help="greedy completion, optionally with an adapter")
   _add_model_options(generate)
@@ -134,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     0 on success.
 
   Raises:
-    SystemExit: status 2 on a user error, after one line on stderr.
+    SystemExit: status 2 on a user error, after one line on stderr; 130
+      after Ctrl-C.
   """
   argv = list(sys.argv[1:] if argv is None else argv)
   if not argv or (argv[0] not in _COMMANDS and argv[0] not in ("-h", "--help")):
@@ -143,9 +160,13 @@ def main(argv: list[str] | None = None) -> int:
   _fill_remembered(args)
   try:
     _dispatch(args)
-  except (ft.CliError, FileNotFoundError, FileExistsError) as error:
+  except (ft.CliError, FileNotFoundError, FileExistsError, PermissionError, NotADirectoryError,
+          IsADirectoryError, validation.InvalidValue) as error:
     print(f"peft-jax {args.command}: error: {_one_line(error)}", file=sys.stderr)
     raise SystemExit(2) from None
+  except KeyboardInterrupt:
+    print(f"peft-jax {args.command}: interrupted.", file=sys.stderr)
+    raise SystemExit(130) from None
   return 0
 
 

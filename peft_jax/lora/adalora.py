@@ -59,7 +59,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from peft_jax import targeting
+from peft_jax import targeting, validation
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.layout import KernelLayout
 from peft_jax.lora.transform import lora_transform
@@ -152,10 +152,11 @@ class AdaLoRAConfig(LoRAConfig):
     _check_positive_int(self.deltaT, "deltaT")
     for name in ("beta1", "beta2"):
       value = getattr(self, name)
-      if not 0.0 < value < 1.0:
-        raise ValueError(f"{name} must be in (0, 1), got {value}.")
-    if not self.orth_reg_weight >= 0.0:
-      raise ValueError(f"orth_reg_weight must be >= 0, got {self.orth_reg_weight}.")
+      try:
+        validation.number(value, name, low=0.0, high=1.0, low_open=True, high_open=True)
+      except validation.InvalidValue:
+        raise validation.InvalidValue(f"{name} must be in (0, 1), got {value!r}.") from None
+    validation.number(self.orth_reg_weight, "orth_reg_weight", low=0.0)
     if self.use_dora:
       raise ValueError("AdaLoRA does not support DoRA (use_dora=True).")
     if self.use_rslora:
@@ -190,8 +191,10 @@ class AdaLoRAConfig(LoRAConfig):
 
 
 def _check_positive_int(value: Any, name: str) -> None:
-  if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-    raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+  try:
+    validation.integer(value, name, low=1)
+  except validation.InvalidValue:
+    raise validation.InvalidValue(f"{name} must be a positive integer, got {value!r}.") from None
 
 
 def _batch_ndim(kernel_shape, a_shape, b_shape) -> int:

@@ -8,13 +8,15 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-import jax.numpy as jnp
-import numpy as np
 from flax.core import FrozenDict
 
 from peft_jax import targeting
+from peft_jax import validation
 
 CONFIG_FORMAT_VERSION = 1
+# The largest alpha accepted: alpha / r scales adapter outputs, and beyond this
+# the first update overflows float32/bfloat16 (1e300 is inf in float32).
+MAX_ALPHA = 1e6
 
 _INITS = ("default", "gaussian", "pissa", "olora", "loftq")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
@@ -90,13 +92,20 @@ class LoRAConfig:
 
   def __post_init__(self):
     set_ = lambda k, v: object.__setattr__(self, k, v)
-    if not isinstance(self.target_modules, str):
-      set_("target_modules", tuple(self.target_modules))
-    if self.exclude_modules is not None and not isinstance(self.exclude_modules, str):
-      set_("exclude_modules", tuple(self.exclude_modules))
+    set_("target_modules", _check_targets(self.target_modules, "target_modules"))
+    if self.exclude_modules is not None:
+      set_("exclude_modules", _check_targets(self.exclude_modules, "exclude_modules"))
     if self.layers_to_transform is not None:
       layers = self.layers_to_transform
-      set_("layers_to_transform", (layers,) if isinstance(layers, int) else tuple(layers))
+      layers = (layers,) if isinstance(layers, (int, str)) else layers
+      try:
+        layers = tuple(layers)
+      except TypeError:
+        raise validation.InvalidValue(
+            f"layers_to_transform must be layer indices, got {layers!r}.") from None
+      for i in layers:
+        validation.integer(i, "layers_to_transform entries", low=0)
+      set_("layers_to_transform", layers)
     set_("init", _check_init(self.init))
     names = (self.weight_names,) if isinstance(self.weight_names, str) else tuple(self.weight_names)
     set_("weight_names", names)
@@ -105,20 +114,20 @@ class LoRAConfig:
           or name.endswith(targeting.SITE_SUFFIX)):
         raise ValueError(f"weight_names entry {name!r} is not a usable param name.")
     # FrozenDicts keep the config hashable, so it can be a static jit argument.
-    set_("rank_pattern", FrozenDict(self.rank_pattern))
-    set_("alpha_pattern", FrozenDict(self.alpha_pattern))
+    set_("rank_pattern", FrozenDict(_check_pattern(self.rank_pattern, "rank_pattern")))
+    set_("alpha_pattern", FrozenDict(_check_pattern(self.alpha_pattern, "alpha_pattern")))
     if self.adapter_dtype is not None:
-      set_("adapter_dtype", str(_dtype_name(self.adapter_dtype)))
+      set_("adapter_dtype", validation.float_dtype(self.adapter_dtype, "adapter_dtype").name)
     _check_rank(self.rank, "rank")
     _check_alpha(self.alpha, "alpha")
     for key, r in self.rank_pattern.items():
       _check_rank(r, f"rank_pattern[{key!r}]")
     for key, a in self.alpha_pattern.items():
       _check_alpha(a, f"alpha_pattern[{key!r}]")
-    if not 0.0 <= self.dropout < 1.0:
-      raise ValueError(f"dropout must be in [0, 1), got {self.dropout}.")
-    if self.loftq_iter < 1:
-      raise ValueError(f"loftq_iter must be >= 1, got {self.loftq_iter}.")
+    validation.number(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
+    for name in ("use_rslora", "use_dora", "magnitude_trainable"):
+      set_(name, validation.boolean(getattr(self, name), name))
+    validation.integer(self.loftq_iter, "loftq_iter", low=1)
 
   def rank_for(self, module_path: str) -> int:
     """The rank of the adapter at ``module_path`` (``rank_pattern`` first)."""
@@ -178,17 +187,41 @@ class DoRAConfig(LoRAConfig):
 
 
 def _check_rank(rank: Any, what: str) -> None:
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank <= 0:
-    raise ValueError(f"{what} must be a positive integer, got {rank!r}.")
+  try:
+    validation.integer(rank, what, low=1)
+  except validation.InvalidValue:
+    raise validation.InvalidValue(f"{what} must be a positive integer, got {rank!r}.") from None
 
 
 def _check_alpha(alpha: Any, what: str) -> None:
-  if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not alpha > 0:
-    raise ValueError(f"{what} must be a positive number, got {alpha!r}.")
+  try:
+    validation.number(alpha, what, low=0.0, high=MAX_ALPHA, low_open=True)
+  except validation.InvalidValue:
+    raise validation.InvalidValue(f"{what} must be a positive number <= {MAX_ALPHA:g} (a "
+                                  f"finite scale), got {alpha!r}.") from None
 
 
-def _dtype_name(dtype: Any) -> str:
-  return jnp.dtype(dtype).name if not isinstance(dtype, str) else np.dtype(jnp.dtype(dtype)).name
+def _check_targets(spec: Any, what: str) -> str | tuple[str, ...]:
+  """A module spec: a string, or a sequence of non-empty strings."""
+  if isinstance(spec, str):
+    return spec
+  try:
+    names = tuple(spec)
+  except TypeError:
+    names = None
+  if names is None or not all(isinstance(n, str) and n for n in names):
+    raise validation.InvalidValue(
+        f"{what} must be a string or a sequence of non-empty strings, got {spec!r}.")
+  return names
+
+
+def _check_pattern(pattern: Any, what: str) -> Mapping[str, Any]:
+  if not isinstance(pattern, Mapping):
+    raise validation.InvalidValue(f"{what} must be a mapping {{pattern: value}}, got {pattern!r}.")
+  for key in pattern:
+    if not isinstance(key, str) or not key:
+      raise validation.InvalidValue(f"{what} keys must be non-empty strings, got {key!r}.")
+  return pattern
 
 
 def config_from_dict(d: Mapping[str, Any]) -> LoRAConfig:

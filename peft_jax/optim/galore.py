@@ -20,6 +20,7 @@ import optax
 from optax._src import base
 from optax._src import numerics
 
+from peft_jax import validation
 from peft_jax.optim import _paths
 
 __all__ = [
@@ -436,8 +437,8 @@ def scale_by_galore(
   if refresh not in ("svd", "randomized"):
     raise ValueError(f"refresh must be 'svd' or 'randomized', got {refresh!r}.")
   _side(proj_type, 1, 1)  # validates proj_type early
-  if update_proj_gap <= 0:
-    raise ValueError(f"update_proj_gap must be positive, got {update_proj_gap}.")
+  _check_hyperparameters(rank, update_proj_gap, scale, b1, b2, eps, oversample,
+                         power_iterations)
 
   def plans_for(tree):
     return _build_plans(tree, rank, targets, dimension_numbers, proj_type)
@@ -605,6 +606,23 @@ def _scale_by_learning_rate_then_decay(
   return base.GradientTransformation(init_fn, update_fn)
 
 
+def _check_hyperparameters(rank, update_proj_gap, scale, b1, b2, eps, oversample,
+                           power_iterations) -> None:
+  """Raises :class:`validation.InvalidValue` naming the first bad setting."""
+  if isinstance(rank, Mapping):
+    for key, value in rank.items():
+      validation.integer(value, f"GaLore rank[{key!r}]")
+  elif not callable(rank):
+    validation.integer(rank, "GaLore rank")
+  validation.integer(update_proj_gap, "update_proj_gap")
+  validation.number(scale, "GaLore scale")
+  for name, beta in (("b1", b1), ("b2", b2)):
+    validation.number(beta, name, low=0.0, high=1.0, high_open=True)
+  validation.number(eps, "eps", low=0.0)
+  validation.integer(oversample, "oversample", low=0)
+  validation.integer(power_iterations, "power_iterations", low=0)
+
+
 def galore(
     learning_rate: base.ScalarOrSchedule = 1e-3,
     rank: Union[int, Mapping[str, int], Callable[[str], int]] = 128,
@@ -662,6 +680,8 @@ def galore(
     Zhao et al., `GaLore: Memory-Efficient LLM Training by Gradient Low-Rank
     Projection <https://arxiv.org/abs/2403.03507>`_, ICML 2024.
   """
+  validation.learning_rate(learning_rate)
+  validation.number(weight_decay, "weight_decay", low=0.0)
   return optax.chain(
       scale_by_galore(
           rank=rank,

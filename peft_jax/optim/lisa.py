@@ -26,6 +26,7 @@ from flax import traverse_util
 from optax._src import base
 from optax._src import numerics
 
+from peft_jax import validation
 from peft_jax.optim import _paths
 
 __all__ = [
@@ -364,8 +365,10 @@ def lisa(
   """
   if state_mode not in ("reset", "keep"):
     raise ValueError(f"state_mode must be 'reset' or 'keep', got {state_mode!r}.")
-  if interval_steps <= 0 or n_layers <= 0:
-    raise ValueError("interval_steps and n_layers must be positive.")
+  validation.integer(n_layers, "LISA n_layers")
+  validation.integer(interval_steps, "LISA interval_steps")
+  if num_layers is not None:
+    validation.integer(num_layers, "LISA num_layers")
   inner = optax.with_extra_args_support(inner)
 
   def layout_of(flat):

@@ -14,6 +14,7 @@ import jax
 import optax
 from optax._src import base
 
+from peft_jax import validation
 from peft_jax.optim import _paths
 
 __all__ = [
@@ -155,6 +156,10 @@ def lora_plus(
     Hayou, Ghosh & Yu, `LoRA+: Efficient Low Rank Adaptation of Large Models
     <https://arxiv.org/abs/2402.12354>`_, ICML 2024.
   """
+  validation.learning_rate(learning_rate)
+  validation.learning_rate(embedding_lr, "embedding_lr")
+  validation.number(ratio, "LoRA+ ratio", low=0.0, low_open=True)
+  validation.number(weight_decay, "weight_decay", low=0.0)
   is_transform = isinstance(optimizer, base.GradientTransformation)
   if optimizer_kwargs and is_transform:
     raise TypeError("optimizer_kwargs need an optimizer factory, not a transformation.")

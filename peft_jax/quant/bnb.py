@@ -27,8 +27,10 @@ from typing import Any
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax import validation
 from peft_jax.quant import tables
-from peft_jax.quant.nf4 import NF4Array, _absmax_from_torch_order, _absmax_to_torch_order
+from peft_jax.quant.nf4 import (NF4Array, _absmax_from_torch_order, _absmax_to_torch_order,
+                                 check_block_size, check_quant_type)
 
 _DTYPE_NAMES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16,
                 "float16": jnp.float16, "float64": jnp.float64}
@@ -90,6 +92,10 @@ def from_bnb(state_dict: Mapping[str, Any], prefix: str = "weight", *,
              compute_dtype: Any = jnp.bfloat16) -> NF4Array:
   """Reads one bitsandbytes 4-bit weight into an :class:`NF4Array`.
 
+  Every entry is checked before use: dtypes (uint8 codes, float32 or, with
+  double quantization, uint8 absmax), sizes against the shape and block
+  size, the code tables, the quant-state JSON fields, and finite scales.
+
   Args:
     state_dict: a mapping holding the keys written by ``Linear4bit`` (NumPy
       arrays or anything ``np.asarray`` accepts, e.g. CPU torch tensors).
@@ -103,61 +109,129 @@ def from_bnb(state_dict: Mapping[str, Any], prefix: str = "weight", *,
     The quantized kernel, in Flax layout ``(in, out)``.
 
   Raises:
-    KeyError: when a required key is missing.
-    ValueError: for an unknown code table or inconsistent sizes.
+    ValueError: one :class:`peft_jax.validation.InvalidValue` naming the
+      key, the field and the value, for a missing key, a malformed quant
+      state, a wrong dtype or size, an unknown code table, or non-finite
+      scales.
   """
-  qs_keys = [k for k in state_dict if k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
-  if len(qs_keys) != 1:
-    raise KeyError(f"Expected one '{prefix}.quant_state.bitsandbytes__<type>' entry, "
-                   f"found {qs_keys}.")
-  info = json.loads(bytes(np.asarray(state_dict[qs_keys[0]], np.uint8).tolist()))
-  quant_type = info["quant_type"]
-  block_size = int(info["blocksize"])
-  torch_shape = tuple(int(d) for d in info["shape"])
-  if info["dtype"] not in _DTYPE_NAMES:
-    raise ValueError(f"Unsupported original dtype {info['dtype']!r}.")
+  compute_dtype = validation.float_dtype(compute_dtype, "compute_dtype")
+  info = _quant_state(state_dict, prefix)
+  quant_type = check_quant_type(info.get("quant_type"), f"{prefix} quant_state quant_type")
+  block_size = check_block_size(info.get("blocksize"), f"{prefix} quant_state blocksize")
+  torch_shape = info.get("shape")
+  if (not isinstance(torch_shape, list) or len(torch_shape) not in (1, 2)
+      or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0
+                 for d in torch_shape)):
+    raise _bad(f"{prefix} quant_state shape must be 1 or 2 positive integers, "
+               f"got {torch_shape!r}.")
+  torch_shape = tuple(torch_shape)
+  if info.get("dtype") not in _DTYPE_NAMES:
+    raise _bad(f"{prefix} quant_state dtype must be one of {sorted(_DTYPE_NAMES)}, "
+               f"got {info.get('dtype')!r}.")
   dtype = np.dtype(_DTYPE_NAMES[info["dtype"]])
-  quant_map = np.asarray(state_dict[f"{prefix}.quant_map"], np.float32)
-  if not np.array_equal(quant_map, tables.code_table(quant_type)):
-    raise ValueError(f"{prefix}.quant_map is not bitsandbytes' {quant_type} table.")
+  quant_map = _entry(state_dict, f"{prefix}.quant_map", (np.float32,))
+  if quant_map.shape != (16,) or not np.array_equal(quant_map, tables.code_table(quant_type)):
+    raise _bad(f"{prefix}.quant_map is not bitsandbytes' {quant_type} table.")
 
   if len(torch_shape) == 1:
     k, n = torch_shape[0], 1
     default_kernel_shape = torch_shape
-  elif len(torch_shape) == 2:
+  else:
     n, k = torch_shape
     default_kernel_shape = (k, n)
-  else:
-    raise ValueError(f"Only 1-D and 2-D bitsandbytes weights are supported, got {torch_shape}.")
   kernel_shape = tuple(kernel_shape or default_kernel_shape)
   if (int(np.prod(kernel_shape[:in_ndim])), int(np.prod(kernel_shape[in_ndim:]))) != (k, n):
-    raise ValueError(f"kernel_shape {kernel_shape} with in_ndim={in_ndim} does not "
-                     f"match the PyTorch shape {torch_shape}.")
+    raise _bad(f"kernel_shape {kernel_shape} with in_ndim={in_ndim} does not "
+               f"match the PyTorch shape {torch_shape}.")
 
   numel = k * n
-  packed = np.asarray(state_dict[prefix], np.uint8).reshape(-1)
-  absmax = np.asarray(state_dict[f"{prefix}.absmax"]).reshape(-1)
   nblocks = -(-numel // block_size)
+  nested_keys = [key for key in (f"{prefix}.nested_absmax", f"{prefix}.nested_quant_map")
+                 if key in state_dict]
+  nested_fields = [f for f in ("nested_blocksize", "nested_offset") if f in info]
+  double_quant = bool(nested_keys or nested_fields)
+  packed = _entry(state_dict, prefix, (np.uint8,)).reshape(-1)
+  absmax = _entry(state_dict, f"{prefix}.absmax",
+                  (np.uint8,) if double_quant else (np.float32,)).reshape(-1)
   if packed.size != -(-numel // 2) or absmax.size != nblocks:
-    raise ValueError(f"{prefix}: {packed.size} packed bytes and {absmax.size} absmax "
-                     f"values do not fit shape {torch_shape} at block size {block_size}.")
+    raise _bad(f"{prefix}: {packed.size} packed bytes and {absmax.size} absmax "
+               f"values do not fit shape {torch_shape} at block size {block_size} "
+               f"(expected {-(-numel // 2)} and {nblocks}).")
   tiled = k % block_size == 0
   codes = packed.reshape(n, k // 2).T if tiled else packed
   nested = offset = None
-  if f"{prefix}.nested_absmax" in state_dict:
-    if int(info.get("nested_blocksize", tables.NESTED_BLOCK_SIZE)) != tables.NESTED_BLOCK_SIZE:
-      raise ValueError(f"nested_blocksize must be {tables.NESTED_BLOCK_SIZE}.")
-    nested_map = np.asarray(state_dict[f"{prefix}.nested_quant_map"], np.float32)
-    if not np.array_equal(nested_map, tables.DYNAMIC_MAP_256):
-      raise ValueError(f"{prefix}.nested_quant_map is not the 256-entry dynamic map.")
-    nested = jnp.asarray(np.asarray(state_dict[f"{prefix}.nested_absmax"], np.float32))
-    offset = jnp.asarray(np.float32(info["nested_offset"]))
-    absmax = absmax.astype(np.uint8)
+  if double_quant:
+    nested_blocksize = info.get("nested_blocksize")
+    if nested_blocksize != tables.NESTED_BLOCK_SIZE:
+      raise _bad(f"{prefix} quant_state nested_blocksize must be {tables.NESTED_BLOCK_SIZE}, "
+                 f"got {nested_blocksize!r}.")
+    nested_map = _entry(state_dict, f"{prefix}.nested_quant_map", (np.float32,))
+    if nested_map.shape != (256,) or not np.array_equal(nested_map, tables.DYNAMIC_MAP_256):
+      raise _bad(f"{prefix}.nested_quant_map is not the 256-entry dynamic map.")
+    nested_np = _entry(state_dict, f"{prefix}.nested_absmax", (np.float32,)).reshape(-1)
+    n_nested = -(-nblocks // tables.NESTED_BLOCK_SIZE)
+    if nested_np.size != n_nested:
+      raise _bad(f"{prefix}.nested_absmax has {nested_np.size} values; {nblocks} absmax "
+                 f"blocks need {n_nested}.")
+    _check_scales(nested_np, f"{prefix}.nested_absmax")
+    offset_value = info.get("nested_offset")
+    validation.number(offset_value, f"{prefix} quant_state nested_offset")
+    nested = jnp.asarray(nested_np)
+    offset = jnp.asarray(np.float32(offset_value))
   else:
-    absmax = absmax.astype(np.float32)
+    _check_scales(absmax, f"{prefix}.absmax")
   absmax = _absmax_from_torch_order(jnp.asarray(absmax), (k, n), block_size, tiled)
   return NF4Array(
       codes=jnp.asarray(np.ascontiguousarray(codes)), absmax=absmax,
       nested_absmax=nested, offset=offset, kernel_shape=kernel_shape,
       in_ndim=in_ndim, dtype=dtype, block_size=block_size, quant_type=quant_type,
-      compute_dtype=None if compute_dtype is None else np.dtype(compute_dtype))
+      compute_dtype=compute_dtype)
+
+
+def _bad(message: str) -> validation.InvalidValue:
+  return validation.InvalidValue(message)
+
+
+def _entry(state_dict: Mapping[str, Any], key: str, dtypes: tuple) -> np.ndarray:
+  """``state_dict[key]`` as a NumPy array of one of ``dtypes`` (never cast)."""
+  if key not in state_dict:
+    raise _bad(f"the bitsandbytes state dict has no {key!r} entry.")
+  try:
+    value = np.asarray(state_dict[key])
+  except (TypeError, ValueError, RuntimeError) as error:
+    raise _bad(f"{key} is not an array: {error}") from None
+  if value.dtype not in [np.dtype(d) for d in dtypes]:
+    want = " or ".join(np.dtype(d).name for d in dtypes)
+    raise _bad(f"{key} has dtype {value.dtype}; bitsandbytes stores it as {want}.")
+  return value
+
+
+def _check_scales(scales: np.ndarray, key: str) -> None:
+  bad = ~np.isfinite(scales) | (scales < 0)
+  if bad.any():
+    i = int(np.argmax(bad))
+    raise _bad(f"{key} holds {int(bad.sum())} negative or non-finite scale(s) "
+               f"(first: {scales[i]} at index {i}).")
+
+
+def _quant_state(state_dict: Mapping[str, Any], prefix: str) -> dict[str, Any]:
+  """The parsed ``{prefix}.quant_state.bitsandbytes__<type>`` JSON."""
+  if not isinstance(state_dict, Mapping):
+    raise _bad(f"state_dict must be a mapping, got {type(state_dict).__name__}.")
+  qs_keys = [k for k in state_dict
+             if isinstance(k, str) and k.startswith(f"{prefix}.quant_state.bitsandbytes__")]
+  if len(qs_keys) != 1:
+    raise _bad(f"expected one '{prefix}.quant_state.bitsandbytes__<type>' entry, "
+               f"found {qs_keys}.")
+  raw = _entry(state_dict, qs_keys[0], (np.uint8,))
+  try:
+    info = json.loads(raw.tobytes().decode("utf-8"))
+  except (UnicodeDecodeError, json.JSONDecodeError) as error:
+    raise _bad(f"{qs_keys[0]} is not UTF-8 JSON: {error}.") from None
+  if not isinstance(info, dict):
+    raise _bad(f"{qs_keys[0]} must hold a JSON object, got {type(info).__name__}.")
+  suffix = qs_keys[0].rsplit("__", 1)[1]
+  if info.get("quant_type") != suffix:
+    raise _bad(f"{qs_keys[0]}: quant_type {info.get('quant_type')!r} does not match the "
+               f"key's {suffix!r}.")
+  return info

@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax import validation
 from peft_jax.quant import kernels, tables
 from peft_jax.quant.nf4 import NF4Array, decode_4bit, dequantize_array, is_quantized
 
@@ -100,7 +101,8 @@ def nf4_matmul(x: jax.Array, w: NF4Array, *, impl: str | None = None,
 
   Raises:
     TypeError: if ``w`` is not quantized or ``x`` is not float.
-    ValueError: for a stacked ``w`` or mismatched input axes.
+    ValueError: for a stacked ``w``, mismatched input axes, or a
+      ``compute_dtype`` that is not a float dtype.
   """
   if not is_quantized(w):
     raise TypeError(f"nf4_matmul needs an NF4Array, got {type(w).__name__}.")
@@ -115,6 +117,7 @@ def nf4_matmul(x: jax.Array, w: NF4Array, *, impl: str | None = None,
   lead = x.shape[:x.ndim - len(in_shape)]
   k, n = w.matrix_shape
   m = math.prod(lead)
+  compute_dtype = validation.float_dtype(compute_dtype, "compute_dtype")
   compute_dtype = compute_dtype or w.compute_dtype or x.dtype
   chosen = select_impl(w, m, impl, platform)
   tile_platform = platform or _default_platform()

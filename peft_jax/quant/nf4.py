@@ -47,6 +47,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from peft_jax import validation
 from peft_jax.quant import tables
 
 
@@ -58,10 +59,6 @@ def _safe_divisor(absmax: jax.Array) -> jax.Array:
   zero (1/0 = inf, 0 * inf = NaN), so replace zeros explicitly.
   """
   return jnp.where(absmax > 0, absmax, jnp.ones_like(absmax))
-
-
-def _canonical_dtype(dtype: Any) -> np.dtype | None:
-  return None if dtype is None else np.dtype(jnp.dtype(dtype))
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -84,19 +81,31 @@ class NF4:
   quant_type: str = "nf4"
 
   def __post_init__(self):
-    bs = self.block_size
-    if not isinstance(bs, (int, np.integer)) or isinstance(bs, bool):
-      raise TypeError(f"block_size must be an int, got {bs!r}.")
-    if bs < 16 or bs & (bs - 1):
-      raise ValueError(f"block_size must be a power of two >= 16, got {bs}.")
-    if self.quant_type not in tables.QUANT_TYPES:
-      raise ValueError(
-          f"quant_type must be one of {tables.QUANT_TYPES}, got {self.quant_type!r}.")
-    cd = _canonical_dtype(self.compute_dtype)
-    if cd is not None and not jnp.issubdtype(cd, jnp.floating):
-      raise TypeError(f"compute_dtype must be a float dtype, got {cd}.")
-    object.__setattr__(self, "block_size", int(bs))
-    object.__setattr__(self, "compute_dtype", cd)
+    object.__setattr__(self, "block_size", check_block_size(self.block_size))
+    check_quant_type(self.quant_type)
+    object.__setattr__(self, "double_quant",
+                       validation.boolean(self.double_quant, "double_quant"))
+    object.__setattr__(self, "compute_dtype",
+                       validation.float_dtype(self.compute_dtype, "compute_dtype"))
+
+
+def check_block_size(block_size: Any, name: str = "block_size") -> int:
+  """``block_size`` as an int; raises unless it is a power of two >= 16."""
+  try:
+    bs = validation.integer(block_size, name, low=16)
+  except validation.InvalidValue:
+    bs = 0
+  if bs & (bs - 1) or not bs:
+    raise validation.InvalidValue(f"{name} must be a power of two >= 16, got {block_size!r}.")
+  return bs
+
+
+def check_quant_type(quant_type: Any, name: str = "quant_type") -> str:
+  """``quant_type``; raises unless it is one of :data:`tables.QUANT_TYPES`."""
+  if not isinstance(quant_type, str) or quant_type not in tables.QUANT_TYPES:
+    raise validation.InvalidValue(
+        f"{name} must be one of {tables.QUANT_TYPES}, got {quant_type!r}.")
+  return quant_type
 
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
@@ -421,7 +430,9 @@ def quantize_array(x: Any, spec: NF4 = NF4(), *, stack_ndim: int = 0,
 
   Raises:
     TypeError: for a non-float input.
-    ValueError: for an already quantized input or a bad layout.
+    ValueError: for an already quantized input, a bad layout, or (for a
+      concrete input) NaN or infinite values, which would poison every
+      element of their block.
   """
   if is_quantized(x):
     raise ValueError(f"The array is already quantized: {x!r}.")
@@ -431,6 +442,7 @@ def quantize_array(x: Any, spec: NF4 = NF4(), *, stack_ndim: int = 0,
   if not jnp.issubdtype(x.dtype, jnp.floating):
     raise TypeError(f"Only float arrays can be quantized, got dtype {x.dtype}.")
   _check_layout_args(x.shape, stack_ndim, in_ndim)
+  validation.finite_array(x, "the array to quantize")
   return _quantize(x, spec, stack_ndim, in_ndim)
 
 
@@ -494,7 +506,8 @@ def dequantize_array(w: NF4Array, dtype: Any = None) -> jax.Array:
   """
   if not is_quantized(w):
     raise TypeError(f"Expected an NF4Array, got {type(w).__name__}.")
-  return _dequantize(w, np.dtype(w.dtype if dtype is None else dtype))
+  return _dequantize(w, np.dtype(w.dtype) if dtype is None else validation.float_dtype(
+      dtype, "dtype"))
 
 
 @functools.partial(jax.jit, static_argnums=1)
