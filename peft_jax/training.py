@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from peft_jax import sharding
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.tree import combine
@@ -39,6 +40,10 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     loss_fn: Callable[..., jax.Array] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules | None = None,
+    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    indivisible: str = "error",
 ) -> Callable[[TrainState, Any, jax.Array, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
   """Builds ``step(state, base, inputs, labels, key) -> (state, loss)``, jitted.
 
@@ -55,10 +60,34 @@ def make_train_step(
     optimizer: any optax transformation.
     loss_fn: ``loss_fn(model, config, params, inputs, labels, key)``; defaults
       to :func:`lm_loss`.
+    mesh: run sharded on this mesh (see :mod:`peft_jax.sharding`). The
+      state, base and batch are pinned to the shardings the rules give (the
+      new state too, so nothing is resharded between steps); place them
+      with :func:`shard_train_inputs` first.
+    rules: ``((path_regex, spec), ...)`` for the base kernels (adapters and
+      optimizer states follow them), e.g. :func:`sharding.llama_rules` or
+      :func:`sharding.rules_from_params` of a placed base. Needed with ``mesh``.
+    batch_axes: mesh axes the batch is split over (those in the mesh).
+    indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
   """
   loss_fn = loss_fn or lm_loss
+  if (rules is None) != (mesh is None):
+    raise ValueError("make_train_step takes mesh= and rules= together.")
 
   def step(state: TrainState, base, inputs, labels, key):
+    if mesh is not None:
+      state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
+                                                     indivisible=indivisible)
+      state = sharding.constrain(state, state_specs, mesh)
+      base = sharding.constrain(base, base_specs, mesh) if base else base
+      data = sharding.batch_spec(mesh, batch_axes)
+      inputs, labels = sharding.constrain((inputs, labels), (data, data), mesh)
+    new_state, loss = _step(state, base, inputs, labels, key)
+    if mesh is not None:
+      new_state = sharding.constrain(new_state, state_specs, mesh)
+    return new_state, loss
+
+  def _step(state: TrainState, base, inputs, labels, key):
     def objective(trainable):
       params = combine(base, trainable) if base else trainable
       return loss_fn(model, config, params, inputs, labels, key)
@@ -69,6 +98,16 @@ def make_train_step(
     return TrainState(state.step + 1, trainable, opt_state), loss
 
   return jax.jit(step, donate_argnums=(0,))
+
+
+def shard_train_inputs(state: TrainState, base: Any, mesh: jax.sharding.Mesh,
+                       rules: sharding.Rules, *, indivisible: str = "error"
+                       ) -> tuple[TrainState, Any]:
+  """Places a train state and its frozen base on ``mesh`` as ``make_train_step`` expects."""
+  state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
+                                                 indivisible=indivisible)
+  base = sharding.shard(base, base_specs, mesh) if base else base
+  return sharding.shard(state, state_specs, mesh), base
 
 
 def init_train_state(trainable: Any, optimizer: optax.GradientTransformation) -> TrainState:

@@ -295,8 +295,8 @@ def save(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRA
 
 def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None = None, *,
             step: int | None = None,
-            layouts: Mapping[str, layout_lib.KernelLayout] | None = None
-            ) -> tuple[dict[str, Any], LoRAConfig]:
+            layouts: Mapping[str, layout_lib.KernelLayout] | None = None,
+            shardings: Any = None) -> tuple[dict[str, Any], LoRAConfig]:
   """Restores ``(adapters, config)`` saved by :func:`save` or the manager.
 
   Args:
@@ -306,6 +306,9 @@ def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None 
       module must exist with a kernel whose shape fits the adapter shapes.
     step: the step to read under a root.
     layouts: kernel layouts for interleaved ``nn.Einsum`` kernels.
+    shardings: a tree of ``jax.sharding.Sharding`` shaped like the adapters
+      (e.g. ``peft_jax.sharding.to_shardings(specs, mesh)``): the adapters
+      are placed there, whatever mesh saved them (8 devices -> 4, or one).
 
   Returns:
     ``(adapters, config)``, the adapters wrapped as they were saved.
@@ -319,6 +322,8 @@ def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None 
   adapters, config = _read(path, "adapters", with_config=True)
   if base_params is not None:
     check_adapters_fit(adapters, base_params, config, layouts=layouts)
+  if shardings is not None:
+    adapters = jax.device_put(adapters, shardings)
   return adapters, config
 
 
@@ -387,14 +392,21 @@ class AdapterCheckpointManager:
       args["opt_state"] = ocp.args.StandardSave(opt_state)
     return self._manager.save(int(step), args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, step: int | None = None, *, base_params: Mapping[str, Any] | None = None
-              ) -> tuple[dict[str, Any], LoRAConfig]:
-    """``(adapters, config)`` of ``step`` (default: the latest finished one)."""
+  def restore(self, step: int | None = None, *, base_params: Mapping[str, Any] | None = None,
+              shardings: Any = None) -> tuple[dict[str, Any], LoRAConfig]:
+    """``(adapters, config)`` of ``step`` (default: the latest finished one).
+
+    ``shardings``: where to place the adapters (see :func:`restore`).
+    """
     self.wait_until_finished()
-    return restore(self.directory, base_params, step=step)
+    return restore(self.directory, base_params, step=step, shardings=shardings)
 
   def restore_opt_state(self, target: Any, step: int | None = None) -> Any:
-    """The optimizer state saved with ``step``, restored into ``target``'s structure."""
+    """The optimizer state saved with ``step``, restored into ``target``'s structure.
+
+    The arrays take ``target``'s shardings (arrays, or ``jax.ShapeDtypeStruct``
+    with ``sharding=``), so a state saved on one mesh restores onto another.
+    """
     self.wait_until_finished()
     step = self.latest_step() if step is None else step
     restored = self._manager.restore(

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 import peft_jax as pj
-from peft_jax import checkpoint, data, training
+from peft_jax import checkpoint, data, sharding, training
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, count_params, init_params
 
 METHODS = ("lora", "rslora", "dora", "qlora", "loraplus", "galore", "lisa", "adalora", "full")
@@ -390,18 +390,41 @@ class TrainResult(NamedTuple):
   step_seconds: list[float]  # step 0 includes compilation
 
 
+def make_cli_mesh(text: str, batch: int) -> jax.sharding.Mesh:
+  """``--mesh data=2,fsdp=2,tp=2``: checked against the device count and the batch."""
+  mesh = sharding.make_mesh(text)
+  split = sharding.batch_spec(mesh)[0] or ()
+  ways = int(np.prod([mesh.shape[a] for a in split]))
+  if batch % ways:
+    raise ValueError(f"--batch {batch} is not divisible by the {ways} data-parallel ways of "
+                     f"--mesh {text} (axes {split}).")
+  return mesh
+
+
 def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: int, seed: int,
-          progress: Progress | None = None) -> TrainResult:
-  """Runs ``steps`` train steps, timing each with ``block_until_ready``."""
+          progress: Progress | None = None, mesh: jax.sharding.Mesh | None = None
+          ) -> TrainResult:
+  """Runs ``steps`` train steps, timing each with ``block_until_ready``.
+
+  With ``mesh``, the step runs sharded (``sharding.llama_rules``; an axis
+  the mesh does not divide is replicated with a warning) and the final state
+  is gathered back to the host.
+  """
+  rules = sharding.llama_rules(mesh=mesh) if mesh is not None else None
   step_fn = training.make_train_step(model.module, setup.config, setup.optimizer,
-                                     loss_fn=setup.loss_fn)
+                                     loss_fn=setup.loss_fn, mesh=mesh, rules=rules,
+                                     indivisible="replicate")
   state = training.init_train_state(setup.trainable, setup.optimizer)
+  base = setup.base
+  if mesh is not None:
+    state, base = training.shard_train_inputs(state, base, mesh, rules,
+                                              indivisible="replicate")
   key = jax.random.fold_in(jax.random.key(seed), 2)
   losses, seconds = [], []
   for i in range(steps):
     inputs, labels = next(batches)
     t0 = time.perf_counter()
-    state, loss = step_fn(state, setup.base, inputs, labels, jax.random.fold_in(key, i))
+    state, loss = step_fn(state, base, inputs, labels, jax.random.fold_in(key, i))
     losses.append(float(loss))  # blocks, so the time is the step's
     seconds.append(time.perf_counter() - t0)
     if progress is not None:
@@ -409,6 +432,8 @@ def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: i
       progress.update(i + 1, losses[-1], steady)
   if progress is not None:
     progress.close()
+  if mesh is not None:
+    state = jax.device_get(state)
   return TrainResult(state, losses, seconds)
 
 
@@ -449,6 +474,7 @@ def run_finetune(args) -> dict[str, Any]:
                      fallback=not args.model_given)
   tokens = load_tokens(model, args.data)
   check_windows(tokens, args.batch, args.seq_len)
+  mesh = make_cli_mesh(args.mesh, args.batch) if getattr(args, "mesh", None) else None
   setup = build_method(hp, model, dtype=args.dtype)
   n_trainable, n_total = count_params(setup.trainable), count_params(model.params)
   print(f"peft-jax finetune: {model.name} ({n_total:,} params), {hp.method}: {n_trainable:,} "
@@ -461,7 +487,8 @@ def run_finetune(args) -> dict[str, Any]:
   print(f"held-out loss before: {before:.4f} (perplexity {np.exp(before):.2f})")
   batches = data.batches(tokens, args.batch, args.seq_len, seed=args.seed + 1, split="train")
   progress = Progress(args.steps, args.batch * args.seq_len)
-  result = train(model, setup, batches, steps=args.steps, seed=args.seed, progress=progress)
+  result = train(model, setup, batches, steps=args.steps, seed=args.seed, progress=progress,
+                 mesh=mesh)
   after = evaluate(model, setup, result.state.trainable, tokens, eval_loss=eval_loss, **eval_kw)
   print(f"held-out loss after:  {after:.4f} (perplexity {np.exp(after):.2f})")
   out = pathlib.Path(args.output)
@@ -472,6 +499,7 @@ def run_finetune(args) -> dict[str, Any]:
       "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
       "data": args.data or "shipped Shakespeare excerpt",
       "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+      "mesh": getattr(args, "mesh", None),
       "trainable_params": n_trainable, "total_params": n_total,
       "eval_loss_before": before, "eval_loss_after": after,
       "eval_perplexity_before": float(np.exp(before)),

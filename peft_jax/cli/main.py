@@ -75,6 +75,9 @@ def build_parser() -> argparse.ArgumentParser:
   finetune.add_argument("--method", default="lora", choices=ft.METHODS)
   finetune.add_argument("--output", default="runs/peft-jax",
                         help="run directory: adapter/ (or params/) and summary.json")
+  finetune.add_argument("--mesh", default=None,
+                        help="shard over a device mesh, e.g. data=2,fsdp=2,tp=2 (sizes must "
+                             "multiply to jax.device_count(); see README 'Scaling out')")
 
   generate = sub.add_parser("generate", help="greedy completion, optionally with an adapter")
   _add_model_options(generate)
