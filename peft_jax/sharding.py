@@ -369,12 +369,9 @@ def opt_state_specs(opt_state: Any, params: Any, specs: Any) -> Any:
       return leaf
     dict_keys = [_key_name(k) for k in key_path if isinstance(k, jax.tree_util.DictKey)]
     fields = {_key_name(k) for k in key_path if isinstance(k, jax.tree_util.GetAttrKey)}
-    joined = "/".join(dict_keys)
-    match = None
-    for path in by_path:
-      if (joined == path or joined.endswith("/" + path)) and (
-          match is None or len(path) > len(match)):
-        match = path
+    parts = "/".join(dict_keys).split("/")
+    suffixes = ("/".join(parts[i:]) for i in range(len(parts)))  # longest first
+    match = next((path for path in suffixes if path in by_path), None)
     if match is None:
       return P()
     param, spec = by_path[match]

@@ -21,6 +21,7 @@ import pytest
 import sharding_worker as worker
 from peft_jax import sharding, training
 from peft_jax.checkpoint import orbax as ckpt
+from peft_jax.cli import finetune, main
 
 CHECKS = ("equivalence lora", "equivalence dora", "equivalence qlora", "equivalence galore",
           "equivalence full", "promised specs", "nf4 blocks", "collectives", "restore 8->4")
@@ -90,3 +91,12 @@ def test_opt_state_specs_follow_params():
   assert opt[0].mu["q"]["lora_b"] == P(None, "tp") and opt[0].count == P()
   lisa_like = {"inner": {"q": {"lora_b": jnp.zeros((1, 4))}}}  # 1 active row of 2
   assert sharding.opt_state_specs(lisa_like, params, specs)["inner"]["q"]["lora_b"] == P(None, "tp")
+
+
+def test_cli_mesh_option_is_checked_against_the_device_count():
+  args = main.build_parser().parse_args(["finetune", "--mesh", "data=2,fsdp=2,tp=2"])
+  assert args.mesh == "data=2,fsdp=2,tp=2"
+  with pytest.raises(ValueError, match="needs 8 devices"):
+    finetune.make_cli_mesh(args.mesh, batch=4)
+  mesh = finetune.make_cli_mesh(f"data={jax.device_count()}", batch=4)
+  assert mesh.shape["data"] == jax.device_count()
