@@ -154,10 +154,16 @@ def _key_name(key: Any) -> str:
   return str(key)
 
 
+def _is_variable_value(key: Any) -> bool:
+  """The ``.value`` step of an NNX ``Variable`` (``q_proj/kernel/value``): not in paths."""
+  return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
 def _flat(tree: Any) -> list[tuple[str, Any]]:
-  """``[(path, leaf)]`` with NF4 arrays kept whole; ``path`` joins every key."""
+  """``[(path, leaf)]`` with NF4 arrays kept whole; ``path`` joins the keys."""
   leaves = jax.tree_util.tree_flatten_with_path(tree, is_leaf=is_quantized)[0]
-  return [("/".join(_key_name(k) for k in path), leaf) for path, leaf in leaves]
+  return [("/".join(_key_name(k) for k in path if not _is_variable_value(k)), leaf)
+          for path, leaf in leaves]
 
 
 def _entries(spec: P | None, ndim: int, path: str) -> list[Any]:
@@ -329,9 +335,9 @@ def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
       specs.append(_nf4_specs(path, leaf, kernel_entries(path, leaf), check))
       continue
     if name in _ADAPTER_NAMES:
-      kernel_path = next((f"{module}/{k}" for k in _KERNEL_NAMES
-                          if f"{module}/{k}" in context), None)
-      a, b = context.get(f"{module}/lora_a"), context.get(f"{module}/lora_b")
+      prefix = f"{module}/" if module else ""
+      kernel_path = next((prefix + k for k in _KERNEL_NAMES if prefix + k in context), None)
+      a, b = context.get(prefix + "lora_a"), context.get(prefix + "lora_b")
       if kernel_path is None or a is None or b is None:
         raise ValueError(f"Adapter leaf {path!r} has no kernel (or no lora_a/lora_b) beside "
                          "it; pass the frozen tree as base=.")

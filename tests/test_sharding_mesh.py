@@ -100,3 +100,18 @@ def test_cli_mesh_option_is_checked_against_the_device_count():
     finetune.make_cli_mesh(args.mesh, batch=4)
   mesh = finetune.make_cli_mesh(f"data={jax.device_count()}", batch=4)
   assert mesh.shape["data"] == jax.device_count()
+
+
+def test_specs_of_an_nnx_state_follow_the_same_paths():
+  """NNX state (Variables holding arrays) is read by the same paths as linen params."""
+  from flax import nnx  # noqa: PLC0415 (NNX only here)
+  P = jax.sharding.PartitionSpec
+  layer = nnx.Linear(8, 4, use_bias=False, rngs=nnx.Rngs(0))
+  layer.lora_a = nnx.Param(jnp.zeros((8, 2)))
+  layer.lora_b = nnx.Param(jnp.zeros((2, 4)))
+  state = nnx.state(layer, nnx.Param)
+  specs = sharding.param_specs(state, ((r"kernel", P("fsdp", "tp")),), {"fsdp": 2, "tp": 2})
+  got = {path[0].key: spec for (path, _), spec in zip(
+      jax.tree_util.tree_flatten_with_path(state)[0],
+      jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))}
+  assert got == {"kernel": P("fsdp", "tp"), "lora_a": P("fsdp", None), "lora_b": P(None, "tp")}
