@@ -115,3 +115,32 @@ def test_specs_of_an_nnx_state_follow_the_same_paths():
       jax.tree_util.tree_flatten_with_path(state)[0],
       jax.tree.leaves(specs, is_leaf=lambda x: isinstance(x, P)))}
   assert got == {"kernel": P("fsdp", "tp"), "lora_a": P("fsdp", None), "lora_b": P(None, "tp")}
+
+
+def test_lisa_and_adalora_states_follow_their_params():
+  """LISA's compact rows and AdaLoRA's EMAs take their parameter's axes; no compile."""
+  import peft_jax as pj  # noqa: PLC0415
+  from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params  # noqa: PLC0415
+  P = jax.sharding.PartitionSpec
+  config = LlamaConfig.tiny(scan_layers=True)
+  mesh_shape = {"fsdp": 2, "tp": 2}
+  rules = sharding.llama_rules()
+  params = init_params(config, jax.random.key(0))
+  specs = sharding.param_specs(params, rules, mesh_shape)
+  lisa_state = jax.eval_shape(pj.optim.lisa(optax.adam(1e-3), n_layers=1).init, params)
+  lisa_specs = sharding.opt_state_specs(lisa_state, params, specs)
+  mu = jax.tree_util.tree_flatten_with_path(lisa_state)[0]
+  mu_specs = jax.tree.leaves(lisa_specs, is_leaf=lambda x: isinstance(x, P))
+  found = [(x.shape, s) for (path, x), s in zip(mu, mu_specs)
+           if "q_proj" in jax.tree_util.keystr(path) and ".mu" in jax.tree_util.keystr(path)]
+  assert found == [((1, 64, 64), P(None, "fsdp", "tp"))], found  # 1 active row of 2
+
+  ada = pj.AdaLoRAConfig(init_r=4, target_r=2, target_modules=("q_proj",), total_step=10)
+  adapters, base = pj.split(pj.adalora_transform(
+      init_params(LlamaConfig.tiny(), jax.random.key(0)), ada, key=jax.random.key(1)))
+  ada_specs = sharding.param_specs(adapters, rules, mesh_shape, base=base)
+  state = jax.eval_shape(pj.optim.adalora(optax.adam(1e-3), ada).init, adapters)
+  state_specs = sharding.opt_state_specs(state, adapters, ada_specs)
+  ema = state_specs.sensitivity_ema["model/layers_0/self_attn/q_proj"]
+  assert ema["lora_a"] == P("fsdp", None) and ema["lora_b"] == P(None, "tp")
+  assert ema["lora_e"] == P(None)
