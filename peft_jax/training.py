@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
@@ -26,10 +27,15 @@ class TrainState(NamedTuple):
 
 
 def lm_loss(model: nn.Module, config: LoRAConfig | None, params: Mapping[str, Any],
-            inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-  """Next-token cross-entropy of ``model`` with its adapters active."""
+            inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array | None = None, *,
+            quant_impl: str | None = None) -> jax.Array:
+  """Next-token cross-entropy of ``model`` with its adapters active.
+
+  ``quant_impl``: the ``nf4_matmul`` implementation for quantized kernels
+  (default: by backend).
+  """
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
-  with intercept(config):
+  with intercept(config, quant_impl=quant_impl):
     logits = model.apply({"params": params}, inputs, rngs=rngs)
   return causal_lm_loss(logits, labels)
 
@@ -59,7 +65,7 @@ def make_train_step(
     config: the adapters' config (``None`` for full fine-tuning).
     optimizer: any optax transformation.
     loss_fn: ``loss_fn(model, config, params, inputs, labels, key)``; defaults
-      to :func:`lm_loss`.
+      to :func:`lm_loss` (with a mesh: with ``quant_impl="xla"``).
     mesh: run sharded on this mesh (see :mod:`peft_jax.sharding`). The
       state, base and batch are pinned to the shardings the rules give (the
       new state too, so nothing is resharded between steps); place them
@@ -70,7 +76,10 @@ def make_train_step(
     batch_axes: mesh axes the batch is split over (those in the mesh).
     indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
   """
-  loss_fn = loss_fn or lm_loss
+  if loss_fn is None:
+    # Under a mesh, NF4 matmuls take XLA's path, which the SPMD partitioner splits
+    # by the codes' sharding; the Pallas kernel is a custom call it cannot split.
+    loss_fn = lm_loss if mesh is None else functools.partial(lm_loss, quant_impl="xla")
   if (rules is None) != (mesh is None):
     raise ValueError("make_train_step takes mesh= and rules= together.")
 
