@@ -1,10 +1,10 @@
 """Sharded fine-tuning (peft_jax.sharding) on 8 simulated CPU devices, in one subprocess.
 
-The subprocess (tests/sharding_worker.py) checks, for LoRA, DoRA, QLoRA, GaLore and full
-fine-tuning, that a sharded run on a data=2,fsdp=2,tp=2 mesh matches the single-device
-run over 3 steps and that every leaf has the promised sharding; that NF4 shards hold
-whole blocks; the compiled HLO's all-gathers; and restore of its checkpoint onto 4
-devices. This process restores the same checkpoint onto its one device.
+The subprocess (tests/sharding_worker.py) checks, for LoRA and QLoRA (with -m slow also
+DoRA, GaLore and full fine-tuning), that a sharded run on a data=2,fsdp=2,tp=2 mesh
+matches the single-device run over 3 steps and that every leaf has the promised
+sharding; that NF4 shards hold whole blocks; (slow) the compiled HLO's all-gathers; and
+restore of its checkpoint onto 4 devices. This process restores it onto one device.
 """
 
 import json
@@ -23,22 +23,42 @@ from peft_jax import sharding, training
 from peft_jax.checkpoint import orbax as ckpt
 from peft_jax.cli import finetune, main
 
-CHECKS = ("equivalence lora", "equivalence dora", "equivalence qlora", "equivalence galore",
-          "equivalence full", "promised specs", "nf4 blocks", "collectives", "restore 8->4")
+FAST_CHECKS = ("equivalence lora", "equivalence qlora", "promised specs", "nf4 blocks",
+               "restore 8->4")
+ALL_CHECKS = FAST_CHECKS + ("equivalence dora", "equivalence galore", "equivalence full",
+                            "collectives")
+
+
+def _run_worker(tmp_path_factory, suite):
+  out = tmp_path_factory.mktemp(f"sharding_{suite}")
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run([sys.executable, worker.__file__, str(out), suite],
+                          capture_output=True, text=True, timeout=3000, env=env)
+  return out, result
 
 
 @pytest.fixture(scope="module")
 def worker_run(tmp_path_factory):
-  out = tmp_path_factory.mktemp("sharding")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
-  result = subprocess.run([sys.executable, worker.__file__, str(out)], capture_output=True,
-                          text=True, timeout=1500, env=env)
-  return out, result
+  """LoRA and QLoRA (the default suite; every method runs with -m slow)."""
+  return _run_worker(tmp_path_factory, "fast")
 
 
-@pytest.mark.parametrize("check", CHECKS)
+@pytest.fixture(scope="module")
+def worker_run_all(tmp_path_factory):
+  return _run_worker(tmp_path_factory, "all")
+
+
+@pytest.mark.parametrize("check", FAST_CHECKS)
 def test_sharded_check(worker_run, check):
   _, result = worker_run
+  assert f"CHECK {check} OK" in result.stdout, (result.stdout[-2000:], result.stderr[-4000:])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("check", ALL_CHECKS)
+def test_sharded_check_every_method(worker_run_all, check):
+  """LoRA, DoRA, QLoRA, GaLore, full fine-tuning and the compiled HLO's all-gathers."""
+  _, result = worker_run_all
   assert f"CHECK {check} OK" in result.stdout, (result.stdout[-2000:], result.stderr[-4000:])
 
 

@@ -240,7 +240,25 @@ def _check_manifest(manifest: Mapping[str, Any], path: str, kind: str) -> None:
     raise ValueError(f"Checkpoint {path} holds {manifest.get('kind')!r}, not {kind!r}.")
 
 
-def _read(path: str, kind: str, with_config: bool):
+def _restore_target(path: str, shardings: Any) -> Any:
+  """Abstract arrays, shaped as the checkpoint says, on the caller's ``shardings``.
+
+  Orbax refuses to restore without a target onto another device topology
+  (8 devices -> 4 or 1); this target is what lets it.
+  """
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "adapters")).item_metadata
+  wanted = targeting.flatten(targeting.unwrap_params(shardings)[0])
+
+  def leaf(key_path, m):
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    if name not in wanted:
+      raise ValueError(f"The checkpoint at {path} holds {name!r}; shardings has no entry for it.")
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=wanted[name])
+
+  return jax.tree_util.tree_map_with_path(leaf, meta)
+
+
+def _read(path: str, kind: str, with_config: bool, shardings: Any = None):
   checkpointer = _checkpointer()
   manifest = checkpointer.restore(
       path, args=ocp.args.Composite(manifest=ocp.args.JsonRestore()))["manifest"]
@@ -251,8 +269,9 @@ def _read(path: str, kind: str, with_config: bool):
         path, args=ocp.args.Composite(config=ocp.args.JsonRestore()))["config"]
     # Refuse a newer config before reading any array.
     config = config_from_dict(config_dict)
+  target = None if shardings is None else _restore_target(path, shardings)
   arrays = checkpointer.restore(
-      path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore()))["adapters"]
+      path, args=ocp.args.Composite(adapters=ocp.args.StandardRestore(target)))["adapters"]
   tree = _decode_tree(arrays, manifest.get("quantized", {}))
   tree = jax.tree.map(jnp.asarray, tree)
   if manifest.get("wrapped"):
@@ -319,11 +338,9 @@ def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None 
       adapters that do not fit ``base_params`` (every mismatch is listed).
   """
   path = _resolve(directory, step)
-  adapters, config = _read(path, "adapters", with_config=True)
+  adapters, config = _read(path, "adapters", with_config=True, shardings=shardings)
   if base_params is not None:
     check_adapters_fit(adapters, base_params, config, layouts=layouts)
-  if shardings is not None:
-    adapters = jax.device_put(adapters, shardings)
   return adapters, config
 
 
