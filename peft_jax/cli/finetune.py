@@ -394,6 +394,7 @@ def make_cli_mesh(text: str, batch: int) -> jax.sharding.Mesh:
   """``--mesh data=2,fsdp=2,tp=2``: checked against the device count and the batch."""
   mesh = sharding.make_mesh(text)
   split = sharding.batch_spec(mesh)[0] or ()
+  split = (split,) if isinstance(split, str) else tuple(split)
   ways = int(np.prod([mesh.shape[a] for a in split]))
   if batch % ways:
     raise ValueError(f"--batch {batch} is not divisible by the {ways} data-parallel ways of "
