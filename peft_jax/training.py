@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -11,6 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from peft_jax import sharding
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.tree import combine
@@ -26,10 +28,15 @@ class TrainState(NamedTuple):
 
 
 def lm_loss(model: nn.Module, config: LoRAConfig | None, params: Mapping[str, Any],
-            inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-  """Next-token cross-entropy of ``model`` with its adapters active."""
+            inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array | None = None, *,
+            quant_impl: str | None = None) -> jax.Array:
+  """Next-token cross-entropy of ``model`` with its adapters active.
+
+  ``quant_impl``: the ``nf4_matmul`` implementation for quantized kernels
+  (default: by backend).
+  """
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
-  with intercept(config):
+  with intercept(config, quant_impl=quant_impl):
     logits = model.apply({"params": params}, inputs, rngs=rngs)
   return causal_lm_loss(logits, labels)
 
@@ -40,6 +47,10 @@ def make_train_step(
     optimizer: optax.GradientTransformation,
     *,
     loss_fn: Callable[..., jax.Array] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    rules: sharding.Rules | None = None,
+    batch_axes: tuple[str, ...] = ("data", "fsdp"),
+    indivisible: str = "error",
 ) -> Callable[[TrainState, Any, jax.Array, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
   """Builds ``step(state, base, inputs, labels, key) -> (state, loss)``, jitted.
 
@@ -61,11 +72,38 @@ def make_train_step(
     config: the adapters' config (``None`` for full fine-tuning).
     optimizer: any optax transformation.
     loss_fn: ``loss_fn(model, config, params, inputs, labels, key)``; defaults
-      to :func:`lm_loss`.
+      to :func:`lm_loss` (with a mesh: with ``quant_impl="xla"``).
+    mesh: run sharded on this mesh (see :mod:`peft_jax.sharding`). The
+      state, base and batch are pinned to the shardings the rules give (the
+      new state too, so nothing is resharded between steps); place them
+      with :func:`shard_train_inputs` first.
+    rules: ``((path_regex, spec), ...)`` for the base kernels (adapters and
+      optimizer states follow them), e.g. :func:`sharding.llama_rules` or
+      :func:`sharding.rules_from_params` of a placed base. Needed with ``mesh``.
+    batch_axes: mesh axes the batch is split over (those in the mesh).
+    indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
   """
-  loss_fn = loss_fn or lm_loss
+  if loss_fn is None:
+    # Under a mesh, NF4 matmuls take XLA's path, which the SPMD partitioner splits
+    # by the codes' sharding; the Pallas kernel is a custom call it cannot split.
+    loss_fn = lm_loss if mesh is None else functools.partial(lm_loss, quant_impl="xla")
+  if (rules is None) != (mesh is None):
+    raise ValueError("make_train_step takes mesh= and rules= together.")
 
   def step(state: TrainState, base, inputs, labels, key):
+    if mesh is not None:
+      state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
+                                                     indivisible=indivisible)
+      state = sharding.constrain(state, state_specs, mesh)
+      base = sharding.constrain(base, base_specs, mesh) if base else base
+      data = sharding.batch_spec(mesh, batch_axes)
+      inputs, labels = sharding.constrain((inputs, labels), (data, data), mesh)
+    new_state, loss = _step(state, base, inputs, labels, key)
+    if mesh is not None:
+      new_state = sharding.constrain(new_state, state_specs, mesh)
+    return new_state, loss
+
+  def _step(state: TrainState, base, inputs, labels, key):
     def objective(trainable):
       params = combine(base, trainable) if base else trainable
       return loss_fn(model, config, params, inputs, labels, key)
@@ -85,6 +123,16 @@ def _all_finite(tree: Any) -> jax.Array:
   leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def shard_train_inputs(state: TrainState, base: Any, mesh: jax.sharding.Mesh,
+                       rules: sharding.Rules, *, indivisible: str = "error"
+                       ) -> tuple[TrainState, Any]:
+  """Places a train state and its frozen base on ``mesh`` as ``make_train_step`` expects."""
+  state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
+                                                 indivisible=indivisible)
+  base = sharding.shard(base, base_specs, mesh) if base else base
+  return sharding.shard(state, state_specs, mesh), base
 
 
 def init_train_state(trainable: Any, optimizer: optax.GradientTransformation) -> TrainState:

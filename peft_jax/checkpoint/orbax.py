@@ -233,8 +233,40 @@ def _restore_item(checkpointer, path: str, name: str, args) -> Any:
                              ) from None
 
 
-def _read(path: str, kind: str, with_config: bool):
-  """Reads a checkpoint without calling anything it names, verifying every array."""
+def _target_shardings(shardings: Any) -> dict[str, Any]:
+  """``{stored array path: sharding}`` from the caller's ``shardings`` tree."""
+  return targeting.flatten(targeting.unwrap_params(shardings)[0])
+
+
+def _sharding_for(path: str, wanted: dict[str, Any], name: str) -> Any:
+  if name not in wanted:
+    raise ValueError(f"The checkpoint at {path} holds {name!r}; shardings has no entry for it.")
+  return wanted[name]
+
+
+def _restore_target(path: str, shardings: Any) -> Any:
+  """Abstract arrays, shaped as the checkpoint's metadata says, on ``shardings``.
+
+  Orbax refuses to restore without a target onto another device topology
+  (8 devices -> 4 or 1); this target is what lets it (format-1 checkpoints,
+  which list no arrays in their manifest).
+  """
+  meta = ocp.StandardCheckpointer().metadata(os.path.join(path, "adapters")).item_metadata
+  wanted = _target_shardings(shardings)
+
+  def leaf(key_path, m):
+    name = "/".join(str(getattr(k, "key", k)) for k in key_path)
+    return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=_sharding_for(path, wanted, name))
+
+  return jax.tree_util.tree_map_with_path(leaf, meta)
+
+
+def _read(path: str, kind: str, with_config: bool, shardings: Any = None):
+  """Reads a checkpoint without calling anything it names, verifying every array.
+
+  ``shardings``: a tree of shardings (paths as stored) to restore onto, e.g.
+  another mesh; default: Orbax's own placement.
+  """
   checkpointer = _checkpointer()
   manifest = _restore_item(checkpointer, path, "manifest", ocp.args.JsonRestore())
   version = _check_manifest(manifest, path, kind)
@@ -248,16 +280,20 @@ def _read(path: str, kind: str, with_config: bool):
   if version >= 2:
     specs = leaves_lib.array_specs(os.path.join(path, "manifest"), manifest.get("arrays"))
     try:
-      target = targeting.unflatten({p: jax.ShapeDtypeStruct(shape, dtype)
-                                    for p, (shape, dtype, _) in specs.items()})
+      wanted = {} if shardings is None else _target_shardings(shardings)
+      target = targeting.unflatten({
+          p: jax.ShapeDtypeStruct(shape, dtype, sharding=(
+              None if shardings is None else _sharding_for(path, wanted, p)))
+          for p, (shape, dtype, _) in specs.items()})
     except (ValueError, TypeError, KeyError) as error:
       raise ut.FileFormatError(f"{path}/manifest: the array paths clash: {error}") from None
     arrays = _restore_item(checkpointer, path, "adapters", ocp.args.StandardRestore(target))
     flat = targeting.flatten(arrays)
     leaves_lib.verify(file, flat, specs)
   else:  # version 1 stored no checksums
+    target = None if shardings is None else _restore_target(path, shardings)
     flat = targeting.flatten(_restore_item(checkpointer, path, "adapters",
-                                           ocp.args.StandardRestore()))
+                                           ocp.args.StandardRestore(target)))
   tree = leaves_lib.decode_tree(os.path.join(path, "manifest"), flat,
                                 manifest.get("quantized", {}))
   tree = jax.tree.map(jnp.asarray, tree)
@@ -322,8 +358,8 @@ def save(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRA
 
 def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None = None, *,
             step: int | None = None,
-            layouts: Mapping[str, layout_lib.KernelLayout] | None = None
-            ) -> tuple[dict[str, Any], LoRAConfig]:
+            layouts: Mapping[str, layout_lib.KernelLayout] | None = None,
+            shardings: Any = None) -> tuple[dict[str, Any], LoRAConfig]:
   """Restores ``(adapters, config)`` saved by :func:`save` or the manager.
 
   Args:
@@ -333,6 +369,9 @@ def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None 
       module must exist with a kernel whose shape fits the adapter shapes.
     step: the step to read under a root.
     layouts: kernel layouts for interleaved ``nn.Einsum`` kernels.
+    shardings: a tree of ``jax.sharding.Sharding`` shaped like the adapters
+      (e.g. ``peft_jax.sharding.to_shardings(specs, mesh)``): the adapters
+      are placed there, whatever mesh saved them (8 devices -> 4, or one).
 
   Returns:
     ``(adapters, config)``, the adapters wrapped as they were saved.
@@ -343,7 +382,7 @@ def restore(directory: str | os.PathLike, base_params: Mapping[str, Any] | None 
       adapters that do not fit ``base_params`` (every mismatch is listed).
   """
   path = _resolve(directory, step)
-  adapters, config = _read(path, "adapters", with_config=True)
+  adapters, config = _read(path, "adapters", with_config=True, shardings=shardings)
   if base_params is not None:
     check_adapters_fit(adapters, base_params, config, layouts=layouts)
   return adapters, config
@@ -439,14 +478,21 @@ class AdapterCheckpointManager:
       args["opt_state"] = ocp.args.StandardSave(opt_state)
     return self._manager.save(int(step), args=ocp.args.Composite(**args), force=force)
 
-  def restore(self, step: int | None = None, *, base_params: Mapping[str, Any] | None = None
-              ) -> tuple[dict[str, Any], LoRAConfig]:
-    """``(adapters, config)`` of ``step`` (default: the latest finished one)."""
+  def restore(self, step: int | None = None, *, base_params: Mapping[str, Any] | None = None,
+              shardings: Any = None) -> tuple[dict[str, Any], LoRAConfig]:
+    """``(adapters, config)`` of ``step`` (default: the latest finished one).
+
+    ``shardings``: where to place the adapters (see :func:`restore`).
+    """
     self.wait_until_finished()
-    return restore(self.directory, base_params, step=step)
+    return restore(self.directory, base_params, step=step, shardings=shardings)
 
   def restore_opt_state(self, target: Any, step: int | None = None) -> Any:
-    """The optimizer state saved with ``step``, restored into ``target``'s structure."""
+    """The optimizer state saved with ``step``, restored into ``target``'s structure.
+
+    The arrays take ``target``'s shardings (arrays, or ``jax.ShapeDtypeStruct``
+    with ``sharding=``), so a state saved on one mesh restores onto another.
+    """
     self.wait_until_finished()
     step = self.latest_step() if step is None else step
     restored = self._manager.restore(

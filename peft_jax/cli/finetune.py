@@ -32,7 +32,7 @@ import numpy as np
 import optax
 
 import peft_jax as pj
-from peft_jax import checkpoint, data, training
+from peft_jax import checkpoint, data, sharding, training
 from peft_jax.cli import resume as resume_lib
 from peft_jax.lora.config import MAX_ALPHA
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, count_params, init_params
@@ -440,10 +440,23 @@ class Interrupt:
       signal.signal(signal.SIGINT, self._previous)
 
 
+def make_cli_mesh(text: str, batch: int) -> jax.sharding.Mesh:
+  """``--mesh data=2,fsdp=2,tp=2``: checked against the device count and the batch."""
+  mesh = sharding.make_mesh(text)
+  split = sharding.batch_spec(mesh)[0] or ()
+  split = (split,) if isinstance(split, str) else tuple(split)
+  ways = int(np.prod([mesh.shape[a] for a in split]))
+  if batch % ways:
+    raise ValueError(f"--batch {batch} is not divisible by the {ways} data-parallel ways of "
+                     f"--mesh {text} (axes {split}).")
+  return mesh
+
+
 def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: int, seed: int,
           progress: Progress | None = None, state: training.TrainState | None = None,
           start_step: int = 0, losses: list[float] | None = None, save_every: int = 0,
-          on_save: Callable | None = None, interrupt: Interrupt | None = None) -> TrainResult:
+          on_save: Callable | None = None, interrupt: Interrupt | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> TrainResult:
   """Runs train steps ``start_step .. steps - 1``, timing each with a blocking loss fetch.
 
   Args:
@@ -460,21 +473,30 @@ def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: i
       (0: never).
     on_save: the periodic save.
     interrupt: stops the loop (after the current step) once ``requested``.
+    mesh: run the step sharded (``sharding.llama_rules``; an axis the mesh
+      does not divide is replicated with a warning); the final state is
+      gathered back to the host.
 
   Returns:
     The :class:`TrainResult`; ``losses`` covers every applied step.
   """
+  rules = sharding.llama_rules(mesh=mesh) if mesh is not None else None
   step_fn = training.make_train_step(model.module, setup.config, setup.optimizer,
-                                     loss_fn=setup.loss_fn)
+                                     loss_fn=setup.loss_fn, mesh=mesh, rules=rules,
+                                     indivisible="replicate")
   if state is None:
     state = training.init_train_state(setup.trainable, setup.optimizer)
+  base = setup.base
+  if mesh is not None:
+    state, base = training.shard_train_inputs(state, base, mesh, rules,
+                                              indivisible="replicate")
   key = jax.random.fold_in(jax.random.key(seed), 2)
   losses, seconds = list(losses or []), []
   stopped, error = None, None
   for i in range(start_step, steps):
     inputs, labels = next(batches)
     t0 = time.perf_counter()
-    state, loss = step_fn(state, setup.base, inputs, labels, jax.random.fold_in(key, i))
+    state, loss = step_fn(state, base, inputs, labels, jax.random.fold_in(key, i))
     try:  # fetching the loss blocks, so the time is the step's
       losses.extend(training.check_finite_losses([loss], first_step=i))
     except training.NonFiniteLossError as caught:
@@ -491,6 +513,7 @@ def train(model: LoadedModel, setup: MethodSetup, batches: Iterator, *, steps: i
       on_save(state, i + 1, losses)
   if progress is not None:
     progress.close()
+  state = jax.device_get(state) if mesh is not None else state
   return TrainResult(state, losses, seconds, stopped, error)
 
 
@@ -626,6 +649,7 @@ def run_finetune(args) -> dict[str, Any]:
                      fallback=not args.model_given)
   tokens = load_tokens(model, args.data)
   check_windows(tokens, args.batch, args.seq_len)
+  mesh = make_cli_mesh(args.mesh, args.batch) if getattr(args, "mesh", None) else None
   setup = build_method(hp, model, dtype=args.dtype)
   settings = run_settings(args, hp, model, tokens)
   state, start, losses = _init_state(setup, hp), 0, []
@@ -655,7 +679,7 @@ def run_finetune(args) -> dict[str, Any]:
     result = train(model, setup, batches, steps=args.steps, seed=args.seed, progress=progress,
                    state=state, start_step=start, losses=losses,
                    save_every=getattr(args, "save_every", 0), on_save=save_point,
-                   interrupt=interrupt)
+                   interrupt=interrupt, mesh=mesh)
     # Ctrl-C from here on is only noted: what follows saves the run anyway.
     if result.stopped is not None:
       done = len(result.losses)
@@ -676,6 +700,7 @@ def run_finetune(args) -> dict[str, Any]:
         "model": model.name, "method": hp.method, "seed": args.seed, "dtype": args.dtype,
         "data": args.data or "shipped Shakespeare excerpt",
         "steps": args.steps, "batch": args.batch, "seq_len": args.seq_len,
+        "mesh": getattr(args, "mesh", None),
         "trainable_params": n_trainable, "total_params": n_total,
         "eval_loss_before": before, "eval_loss_after": after,
         "eval_perplexity_before": float(np.exp(before)),

@@ -91,6 +91,9 @@ def build_parser() -> argparse.ArgumentParser:
   finetune.add_argument("--save-every", type=int, default=0,
                         help="also save the adapter and a resumable checkpoint every N "
                              "steps (default 0: only on Ctrl-C or a non-finite loss)")
+  finetune.add_argument("--mesh", default=None,
+                        help="shard over a device mesh, e.g. data=2,fsdp=2,tp=2 (sizes must "
+                             "multiply to jax.device_count(); see README 'Scaling out')")
 
   generate = sub.add_parser("generate", help="greedy completion, optionally with an adapter")
   _add_model_options(generate)
