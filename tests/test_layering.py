@@ -9,23 +9,27 @@ PACKAGE = pathlib.Path(peft_jax.__file__).parent
 
 # layer -> the layers it may import (besides itself). Every module file of the
 # package belongs to the layer named by its first component under peft_jax/.
+# ``targeting`` (paths) and ``validation`` (checks of user-given values) are
+# the bottom: every layer may import them.
+_BOTTOM = {"targeting", "validation"}
 ALLOWED = {
     "targeting": set(),
+    "validation": set(),
     "data": set(),
-    "quant": {"targeting"},
-    "lora": {"targeting", "quant"},
-    "qlora": {"targeting", "quant", "lora"},
-    "optim": {"targeting", "quant", "lora"},
+    "quant": _BOTTOM,
+    "lora": _BOTTOM | {"quant"},
+    "qlora": _BOTTOM | {"quant", "lora"},
+    "optim": _BOTTOM | {"quant", "lora"},
     "models": set(),
-    "checkpoint": {"targeting", "quant", "lora"},
-    "merging": {"targeting", "quant", "lora"},
-    "multitask": {"targeting", "quant", "lora", "checkpoint"},
-    "training": {"targeting", "quant", "lora", "models"},
-    "nnx": {"targeting", "quant", "lora", "qlora", "checkpoint"},
+    "sharding": _BOTTOM | {"quant", "lora"},
+    "checkpoint": _BOTTOM | {"quant", "lora"},
+    "merging": _BOTTOM | {"quant", "lora"},
+    "multitask": _BOTTOM | {"quant", "lora", "checkpoint"},
+    "training": _BOTTOM | {"quant", "lora", "models", "sharding"},
+    "nnx": _BOTTOM | {"quant", "lora", "qlora", "checkpoint"},
     "cli": None,  # the top: may import anything
     "__init__": None,
 }
-
 
 def _module_name(path: pathlib.Path) -> str:
   parts = path.relative_to(PACKAGE.parent).with_suffix("").parts

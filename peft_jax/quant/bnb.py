@@ -125,7 +125,7 @@ def from_bnb(state_dict: Mapping[str, Any], prefix: str = "weight", *,
     raise _bad(f"{prefix} quant_state shape must be 1 or 2 positive integers, "
                f"got {torch_shape!r}.")
   torch_shape = tuple(torch_shape)
-  if info.get("dtype") not in _DTYPE_NAMES:
+  if not isinstance(info.get("dtype"), str) or info["dtype"] not in _DTYPE_NAMES:
     raise _bad(f"{prefix} quant_state dtype must be one of {sorted(_DTYPE_NAMES)}, "
                f"got {info.get('dtype')!r}.")
   dtype = np.dtype(_DTYPE_NAMES[info["dtype"]])
