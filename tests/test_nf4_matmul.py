@@ -130,3 +130,16 @@ def test_errors():
   stacked = quantize_array(jnp.ones((2, 256, 128)), F32, stack_ndim=1)
   with pytest.raises(ValueError, match="stack"):
     nf4_matmul(jnp.ones((2, 256)), stacked)
+
+
+def test_xla_path_dequantizes_once_for_many_rows_and_scans_for_few():
+  w, dense = make(256, 128)
+  target = jax.random.normal(jax.random.key(9), (80, 128))
+  for m in (8, 80):  # below and above the rows from which the weight is dequantized once
+    x = jax.random.normal(jax.random.key(8), (m, 256))
+    loss = lambda x: jnp.sum((nf4_matmul(x, w, impl="xla") - target[:m]) ** 2)
+    value, grad = jax.value_and_grad(loss)(x)
+    dense_value, dense_grad = jax.value_and_grad(lambda x: jnp.sum((x @ dense - target[:m]) ** 2))(x)
+    assert rel_err(value, dense_value) < 1e-5 and rel_err(grad, dense_grad) < 1e-5
+    hlo = jax.jit(jax.grad(loss)).lower(x).as_text()
+    assert ("while" in hlo) == (m < 64), m  # the K-tile scan only for few rows
