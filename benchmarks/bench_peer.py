@@ -11,15 +11,34 @@ warm-up and timed steps, for three methods:
 * QLoRA: ours (`apply_qlora`, NF4 double-quant, float32 compute) vs
   bitsandbytes' 4-bit `LlamaForCausalLM` + peft LoRA.
 
-Each (side, method) runs in a fresh subprocess (torch through the peer's
-interpreter with `torch.set_num_threads(2)`), in the order ours, theirs,
-ours, theirs ... so drift hits both alike; each reports the median step
-time over the timed steps and its peak RSS (`VmHWM`). We report our tokens/s
-and peak RSS over theirs (goals: LoRA >= 1.3x tokens/s and <= 0.8x memory;
-QLoRA >= 1.5x tokens/s). Writes `benchmarks/results/peer.{json,md}`. Usage::
+The harness is fair and checks itself:
 
-    python benchmarks/bench_peer.py [--peer-python /work/refvenv/bin/python]
-    python benchmarks/bench_peer.py --quick   # 1 warm-up + 2 timed steps, writes nothing
+* each (side, method) runs in a fresh subprocess (torch through the peer's
+  interpreter, both sides with `--threads` threads: torch via `set_num_threads`, XLA
+  with all cores (the machine's 2 by default) or, for `--threads 1`,
+  `--xla_cpu_multi_thread_eigen=false`);
+* every round runs ours and the peer back to back for every method, the
+  side that goes first alternating between rounds, so drift hits both;
+* each child records the 1-minute load average when it starts and ends; a
+  round whose load exceeds `--max-load` (default 1.5 on 2 cores) is flagged
+  and retried up to `--retries` times after `--cool-down` seconds; the table
+  uses the clean rounds (all rounds, marked noisy, if none is clean);
+* results are medians over rounds with [min, max];
+* each step is split into forward, backward and optimizer time on both
+  sides: the peer times `model(...)` + loss, `loss.backward()` and
+  `optimizer.step()` inside its loop; ours times separately jitted phases
+  (loss; loss and gradients, minus the loss; optimizer update) after the
+  real fused step has been timed (and its peak RSS read), so they do not
+  touch its memory figure.
+
+Our side is what a library user gets by default: `load_smollm2()` (unrolled
+layers), `lora_transform`/`apply_qlora`, `make_train_step`. We report our
+tokens/s and peak RSS (`VmHWM`) over theirs (goals: LoRA >= 1.3x tokens/s
+and <= 0.8x memory; full fine-tuning >= 1.0x; QLoRA >= 1.5x tokens/s).
+Writes `benchmarks/results/peer.{json,md}`. Usage::
+
+    python benchmarks/bench_peer.py [--rounds 3] [--peer-python /work/refvenv/bin/python]
+    python benchmarks/bench_peer.py --quick   # 1 round, 1 warm-up + 2 timed steps (~5 min), writes nothing
 """
 
 from __future__ import annotations
@@ -36,7 +55,9 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ("lora", "full", "qlora")
-GOALS = {"lora": {"tokens_per_s": 1.3, "peak_rss": 0.8}, "qlora": {"tokens_per_s": 1.5}}
+GOALS = {"lora": {"tokens_per_s": 1.3, "peak_rss": 0.8}, "full": {"tokens_per_s": 1.0},
+         "qlora": {"tokens_per_s": 1.5}}
+PHASES = ("forward", "backward", "optimizer")
 LR = {"lora": 1e-4, "full": 1e-5, "qlora": 1e-4}
 DEFAULT_PEER_PYTHON = "/work/refvenv/bin/python"
 
@@ -49,13 +70,20 @@ def _peak_rss() -> int:
   return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def _report(method, seconds, batch, seq_len, warmup, losses) -> None:
-  timed = seconds[warmup:]
+def _load() -> float:
+  return os.getloadavg()[0]
+
+
+def _report(args, seconds, losses, phases, peak_rss, load_start) -> None:
+  batch, seq_len = args.batch_shape
+  timed = seconds[args.warmup:]
   median = statistics.median(timed)
-  print(json.dumps({"method": method, "median_step_s": median, "min_step_s": min(timed),
-                    "max_step_s": max(timed), "raw_step_s": seconds,
-                    "tokens_per_s": batch * seq_len / median, "losses": losses,
-                    "peak_rss_bytes": _peak_rss()}))
+  print(json.dumps({
+      "method": args.method, "median_step_s": median, "min_step_s": min(timed),
+      "max_step_s": max(timed), "raw_step_s": seconds, "tokens_per_s": batch * seq_len / median,
+      "losses": losses, "peak_rss_bytes": peak_rss,
+      "phases_s": {k: statistics.median(v) for k, v in phases.items()},
+      "load_start": load_start, "load_end": _load()}))
 
 
 # ----------------------------------------------------------------------------- the peer
@@ -63,10 +91,11 @@ def _report(method, seconds, batch, seq_len, warmup, losses) -> None:
 
 def peer_child(args) -> None:
   """Runs in the peer's interpreter: torch only, nothing of ours is imported."""
+  load_start = _load()
   import numpy as np  # pylint: disable=import-outside-toplevel
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
-  torch.set_num_threads(2)
+  torch.set_num_threads(args.threads)
   torch.manual_seed(0)
   kwargs = {"torch_dtype": torch.float32}
   if args.method == "qlora":
@@ -83,64 +112,111 @@ def peer_child(args) -> None:
   trainable = [p for p in model.parameters() if p.requires_grad]
   optimizer = torch.optim.AdamW(trainable, lr=LR[args.method], weight_decay=0.0)
   windows = torch.from_numpy(np.load(args.windows).astype(np.int64))
-  seconds, losses = [], []
+  args.batch_shape = (windows.shape[1], windows.shape[2] - 1)
+  seconds, losses, phases = [], [], {k: [] for k in PHASES}
   for i in range(args.warmup + args.timed):
     window = windows[i % len(windows)]
     t0 = time.perf_counter()
     logits = model(input_ids=window[:, :-1]).logits
     loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]),
                                              window[:, 1:].reshape(-1))
+    t1 = time.perf_counter()
     loss.backward()
+    t2 = time.perf_counter()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    seconds.append(time.perf_counter() - t0)
+    t3 = time.perf_counter()
+    seconds.append(t3 - t0)
     losses.append(float(loss))
-  _report(args.method, seconds, windows.shape[1], windows.shape[2] - 1, args.warmup, losses)
+    if i >= args.warmup:
+      for k, v in zip(PHASES, (t1 - t0, t2 - t1, t3 - t2)):
+        phases[k].append(v)
+  _report(args, seconds, losses, phases, _peak_rss(), load_start)
 
 
 # ----------------------------------------------------------------------------- ours
 
 
 def ours_child(args) -> None:
-  """Our side: SmolLM2 (scanned layers), the same windows, the same optimizer settings."""
+  """Our side as a library user writes it: SmolLM2 (unrolled), the same windows and optimizer."""
+  load_start = _load()
   import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import peft_jax as pj  # pylint: disable=import-outside-toplevel
   from peft_jax import training  # pylint: disable=import-outside-toplevel
-  from peft_jax.cli import finetune as ft  # pylint: disable=import-outside-toplevel
-  model = ft.load_model("smollm2")
+  from peft_jax.models import LlamaForCausalLM, pretrained  # pylint: disable=import-outside-toplevel
+  loaded = pretrained.load_smollm2()
+  module = LlamaForCausalLM(loaded.config)
+  layouts = pj.kernel_layouts(module, jnp.zeros((1, 8), jnp.int32))
   key = jax.random.key(0)
-  adapted = None
   if args.method == "full":
-    config, trainable, base = None, model.params, {}
+    config, trainable, base = None, loaded.params, {}
   else:
     kw = dict(rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
     if args.method == "qlora":
       config = pj.QLoRAConfig(**kw, compute_dtype="float32")
-      adapted = pj.apply_qlora(model.params, config, key=key, layouts=model.layouts)
+      adapted = pj.apply_qlora(loaded.params, config, key=key, layouts=layouts)
     else:
       config = pj.LoRAConfig(**kw)
-      adapted = pj.lora_transform(model.params, config, key=key, layouts=model.layouts)
+      adapted = pj.lora_transform(loaded.params, config, key=key, layouts=layouts)
     trainable, base = pj.split(adapted)
-  model = model._replace(params=None)  # the float base is garbage for QLoRA now
+    del adapted
+  del loaded  # the float base is garbage for QLoRA now
   optimizer = optax.adamw(LR[args.method], weight_decay=0.0)
-  step = training.make_train_step(model.module, config, optimizer)
+  step = training.make_train_step(module, config, optimizer)
   state = training.init_train_state(trainable, optimizer)
-  del trainable, adapted
-  _ours_loop(step, state, base, np.load(args.windows), args.warmup, args.timed, args.method)
-
-
-def _ours_loop(step, state, base, windows, warmup, timed, method) -> None:
-  import jax  # pylint: disable=import-outside-toplevel
+  del trainable
+  windows = np.load(args.windows)
+  args.batch_shape = (windows.shape[1], windows.shape[2] - 1)
   seconds, losses = [], []
-  for i in range(warmup + timed):
+  for i in range(args.warmup + args.timed):
     window = windows[i % len(windows)]
     t0 = time.perf_counter()
     state, loss = step(state, base, window[:, :-1], window[:, 1:], jax.random.key(i))
     losses.append(float(loss))
     seconds.append(time.perf_counter() - t0)
-  _report(method, seconds, windows.shape[1], windows.shape[2] - 1, warmup, losses)
+  peak_rss = _peak_rss()  # before the phase programs below add their own buffers
+  phases = _ours_phases(module, config, optimizer, state, base, windows, args)
+  _report(args, seconds, losses, phases, peak_rss, load_start)
+
+
+def _ours_phases(module, config, optimizer, state, base, windows, args) -> dict:
+  """Forward, backward and optimizer time of our step, as separately jitted phases."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  import peft_jax as pj  # pylint: disable=import-outside-toplevel
+  from peft_jax import training  # pylint: disable=import-outside-toplevel
+
+  def loss_fn(trainable, inputs, labels):
+    params = pj.combine(base, trainable) if base else trainable
+    return training.lm_loss(module, config, params, inputs, labels)
+
+  def update(grads, opt_state, trainable):
+    updates, opt_state = optimizer.update(grads, opt_state, trainable)
+    return optax.apply_updates(trainable, updates), opt_state
+
+  forward = jax.jit(loss_fn)
+  forward_backward = jax.jit(jax.value_and_grad(loss_fn))
+  opt = jax.jit(update)
+  window = windows[0]
+  inputs, labels = window[:, :-1], window[:, 1:]
+  _, grads = jax.block_until_ready(forward_backward(state.trainable, inputs, labels))
+  jax.block_until_ready((forward(state.trainable, inputs, labels),
+                         opt(grads, state.opt_state, state.trainable)))
+  runs = {"forward": lambda: forward(state.trainable, inputs, labels),
+          "forward_backward": lambda: forward_backward(state.trainable, inputs, labels),
+          "optimizer": lambda: opt(grads, state.opt_state, state.trainable)}
+  times = {k: [] for k in runs}
+  for _ in range(max(2, args.timed)):
+    for k, run in runs.items():
+      t0 = time.perf_counter()
+      jax.block_until_ready(run())
+      times[k].append(time.perf_counter() - t0)
+  return {"forward": times["forward"],
+          "backward": [fb - f for fb, f in zip(times["forward_backward"], times["forward"])],
+          "optimizer": times["optimizer"]}
 
 
 # ----------------------------------------------------------------------------- the parent
@@ -163,11 +239,18 @@ def prepare(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: int) -> 
                                    params_scanned_to_unrolled(model.params))
 
 
-def _run_child(python: str, argv: list[str], timeout: float) -> dict:
+def _child_env(threads: int) -> dict:
+  env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+             OPENBLAS_NUM_THREADS=str(threads))
+  if threads == 1:
+    env["XLA_FLAGS"] = (env.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+  return env
+
+
+def _run_child(python: str, argv: list[str], threads: int, timeout: float) -> dict:
   t0 = time.perf_counter()
-  env = dict(os.environ, OMP_NUM_THREADS="2")
-  proc = subprocess.run([python, __file__, *argv], capture_output=True, text=True,
-                        timeout=timeout, env=env, check=False)
+  proc = subprocess.run([python, __file__, *argv, "--threads", str(threads)], capture_output=True,
+                        text=True, timeout=timeout, env=_child_env(threads), check=False)
   if proc.returncode:
     return {"error": proc.stderr.strip().splitlines()[-1][-400:] if proc.stderr else
             f"exit {proc.returncode}"}
@@ -176,33 +259,100 @@ def _run_child(python: str, argv: list[str], timeout: float) -> dict:
   return result
 
 
-def _fmt_ratio(ours, theirs, goal=None, higher_is_better=True) -> str:
-  if not ours or not theirs:
+def run_round(args, method: str, workdir: pathlib.Path, peer_first: bool) -> dict:
+  """One interleaved pair (ours, peer) for ``method``, retried while the load is too high."""
+  common = ["--windows", str(workdir / "windows.npy"), "--warmup", str(args.warmup),
+            "--timed", str(args.timed)]
+  for attempt in range(args.retries + 1):
+    sides = {"ours": lambda: _run_child(sys.executable, ["--ours", method, *common], args.threads,
+                                        args.timeout),
+             "peer": lambda: _run_child(args.peer_python, ["--peer", method, "--hf-dir",
+                                                           str(workdir / "hf"), *common],
+                                        args.threads, args.timeout)}
+    order = ("peer", "ours") if peer_first else ("ours", "peer")
+    pair = {side: sides[side]() for side in order}
+    loads = [pair[s].get(k) for s in pair for k in ("load_start", "load_end")]
+    peak = max((x for x in loads if x is not None), default=float("nan"))
+    pair["max_load"] = peak
+    pair["noisy"] = not peak <= args.max_load
+    pair["attempt"] = attempt
+    if not pair["noisy"] or attempt == args.retries:
+      return pair
+    print(f"  {method}: load {peak:.2f} > {args.max_load}; retrying in {args.cool_down} s",
+          flush=True)
+    time.sleep(args.cool_down)
+  raise AssertionError("unreachable")
+
+
+def _span(values, fmt="{:,.0f}") -> str:
+  if not values:
     return "n/a"
-  r = ours / theirs
+  med = statistics.median(values)
+  if len(values) == 1:
+    return fmt.format(med)
+  return f"{fmt.format(med)} [{fmt.format(min(values))}, {fmt.format(max(values))}]"
+
+
+def _fmt_ratio(ratios, goal=None, higher_is_better=True) -> str:
+  if not ratios:
+    return "n/a"
+  text = _span(ratios, "{:.2f}x")
   if goal is None:
-    return f"{r:.2f}x"
-  met = r >= goal if higher_is_better else r <= goal
-  return f"{r:.2f}x ({'meets' if met else 'misses'} {'>=' if higher_is_better else '<='} {goal}x)"
+    return text
+  met = statistics.median(ratios) >= goal if higher_is_better else statistics.median(ratios) <= goal
+  return f"{text} ({'meets' if met else 'misses'} {'>=' if higher_is_better else '<='} {goal}x)"
 
 
-def table(results: dict) -> str:
-  """Markdown: our tokens/s and peak RSS over the peer's, per method."""
+def summarize(rounds: dict) -> dict:
+  """Per method: the rounds the table uses (clean ones, else all) and their figures."""
+  out = {}
+  for method, pairs in rounds.items():
+    ok = [p for p in pairs if "tokens_per_s" in p["ours"] and "tokens_per_s" in p["peer"]]
+    clean = [p for p in ok if not p["noisy"]]
+    used = clean or ok
+    get = lambda side, key, used=used: [p[side][key] for p in used]
+    out[method] = {
+        "rounds": len(pairs), "clean_rounds": len(clean), "noisy": not clean,
+        "max_load": [p["max_load"] for p in pairs],
+        "ours_tokens_per_s": get("ours", "tokens_per_s"),
+        "peer_tokens_per_s": get("peer", "tokens_per_s"),
+        "tokens_ratio": [p["ours"]["tokens_per_s"] / p["peer"]["tokens_per_s"] for p in used],
+        "ours_peak_rss": get("ours", "peak_rss_bytes"), "peer_peak_rss": get("peer", "peak_rss_bytes"),
+        "rss_ratio": [p["ours"]["peak_rss_bytes"] / p["peer"]["peak_rss_bytes"] for p in used],
+        "phases": {side: {k: [p[side]["phases_s"][k] for p in used] for k in PHASES}
+                   for side in ("ours", "peer")},
+        "errors": [p[s]["error"] for p in pairs for s in ("ours", "peer") if "error" in p[s]],
+    }
+  return out
+
+
+def tables(summary: dict) -> str:
+  """Markdown: tokens/s and peak RSS side by side, then the per-phase breakdown."""
   sys.path.insert(0, str(HERE))
   import _common as C  # pylint: disable=import-outside-toplevel
-  rows = []
-  for method, pair in results.items():
-    ours, theirs = pair["ours"], pair["peer"]
+  rows, phase_rows = [], []
+  for method, s in summary.items():
     goals = GOALS.get(method, {})
-    rows.append([
-        method, f"{ours.get('tokens_per_s', 0):,.0f}" if "tokens_per_s" in ours else ours.get("error", "n/a"),
-        f"{theirs.get('tokens_per_s', 0):,.0f}" if "tokens_per_s" in theirs else theirs.get("error", "n/a"),
-        _fmt_ratio(ours.get("tokens_per_s"), theirs.get("tokens_per_s"), goals.get("tokens_per_s")),
-        C.mib(ours.get("peak_rss_bytes")), C.mib(theirs.get("peak_rss_bytes")),
-        _fmt_ratio(ours.get("peak_rss_bytes"), theirs.get("peak_rss_bytes"),
-                   goals.get("peak_rss"), higher_is_better=False)])
-  return C.markdown_table(["Method", "Ours tokens/s", "Peer tokens/s", "Ours / peer",
-                           "Ours peak RSS", "Peer peak RSS", "Ours / peer"], rows)
+    mib = lambda xs: _span([x / 2**20 for x in xs], "{:,.0f}") + " MiB" if xs else "n/a"
+    note = (f"{s['clean_rounds']}/{s['rounds']} clean" if not s["noisy"] else
+            f"NOISY: 0/{s['rounds']} rounds under the load limit")
+    if s["errors"]:
+      note += "; errors: " + " | ".join(e[:120] for e in s["errors"])
+    rows.append([method, _span(s["ours_tokens_per_s"]), _span(s["peer_tokens_per_s"]),
+                 _fmt_ratio(s["tokens_ratio"], goals.get("tokens_per_s")),
+                 mib(s["ours_peak_rss"]), mib(s["peer_peak_rss"]),
+                 _fmt_ratio(s["rss_ratio"], goals.get("peak_rss"), higher_is_better=False),
+                 _span(s["max_load"], "{:.2f}"), note])
+    for side in ("ours", "peer"):
+      ph = s["phases"][side]
+      phase_rows.append([method, side] + [_span([x * 1e3 for x in ph[k]], "{:,.0f}") + " ms"
+                                          if ph[k] else "n/a" for k in PHASES])
+  main_table = C.markdown_table(["Method", "Ours tokens/s", "Peer tokens/s", "Ours / peer",
+                                 "Ours peak RSS", "Peer peak RSS", "Ours / peer", "Max load",
+                                 "Rounds"], rows)
+  phase_table = C.markdown_table(["Method", "Side", "Forward", "Backward", "Optimizer"],
+                                 phase_rows)
+  return f"{main_table}\n\nPer phase (median [min, max] over rounds):\n\n{phase_table}"
 
 
 def main() -> None:
@@ -213,14 +363,22 @@ def main() -> None:
   parser.add_argument("--seq-len", type=int, default=128)
   parser.add_argument("--warmup", type=int, default=2)
   parser.add_argument("--timed", type=int, default=5)
-  parser.add_argument("--quick", action="store_true")
+  parser.add_argument("--rounds", type=int, default=3)
+  parser.add_argument("--threads", type=int, default=2)
+  parser.add_argument("--max-load", type=float, default=1.5,
+                      help="flag (and retry) a round whose 1-min load average exceeds this")
+  parser.add_argument("--retries", type=int, default=2)
+  parser.add_argument("--cool-down", type=float, default=60.0)
+  parser.add_argument("--timeout", type=float, default=1800.0)
+  parser.add_argument("--quick", action="store_true",
+                      help="1 round, 1 warm-up + 2 timed steps, no retries; writes nothing")
   parser.add_argument("--peer", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--ours", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--windows", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
-    args.warmup, args.timed = 1, 2
+    args.warmup, args.timed, args.rounds, args.retries = 1, 2, 1, 0
   if args.peer or args.ours:
     args.method = args.peer or args.ours
     (peer_child if args.peer else ours_child)(args)
@@ -228,19 +386,18 @@ def main() -> None:
   if not pathlib.Path(args.peer_python).exists():
     sys.exit(f"No peer interpreter at {args.peer_python} (needs torch, transformers, peft, "
              "bitsandbytes); pass --peer-python.")
+  methods = [m for m in args.methods.split(",") if m]
+  rounds = {m: [] for m in methods}
   with tempfile.TemporaryDirectory() as tmp:
     workdir = pathlib.Path(tmp)
     prepare(workdir, args.batch, args.seq_len, args.warmup + args.timed)
-    common = ["--windows", str(workdir / "windows.npy"), "--warmup", str(args.warmup),
-              "--timed", str(args.timed)]
-    results = {}
-    for method in [m for m in args.methods.split(",") if m]:
-      ours = _run_child(sys.executable, ["--ours", method, *common], 1200)
-      peer = _run_child(args.peer_python,
-                        ["--peer", method, "--hf-dir", str(workdir / "hf"), *common], 1200)
-      results[method] = {"ours": ours, "peer": peer}
-      print(f"{method}: ours {ours.get('tokens_per_s', ours.get('error'))} tok/s, "
-            f"peer {peer.get('tokens_per_s', peer.get('error'))} tok/s", flush=True)
+    for r in range(args.rounds):
+      for method in methods:
+        pair = run_round(args, method, workdir, peer_first=bool(r % 2))
+        rounds[method].append(pair)
+        print(f"round {r} {method}: ours {pair['ours'].get('tokens_per_s', pair['ours'].get('error'))}"
+              f" tok/s, peer {pair['peer'].get('tokens_per_s', pair['peer'].get('error'))} tok/s, "
+              f"max load {pair['max_load']:.2f}{' (noisy)' if pair['noisy'] else ''}", flush=True)
   sys.path.insert(0, str(HERE))
   import _common as C  # pylint: disable=import-outside-toplevel
   machine = C.machine_info()
@@ -249,15 +406,15 @@ def main() -> None:
        "print(f'torch {torch.__version__}, peft {peft.__version__}, transformers "
        "{transformers.__version__}, bitsandbytes {b.__version__}')"],
       capture_output=True, text=True, check=False).stdout.strip()
-  text = (f"SmolLM2-135M, float32, batch {args.batch} x {args.seq_len}, AdamW, "
-          f"{args.warmup} warm-up + {args.timed} timed steps, each side in a fresh process "
-          f"(median step).\n\n{table(results)}\n\nMachine: {C.machine_line(machine)} "
-          f"Peer: {machine['peer']}.")
+  summary = summarize(rounds)
+  text = (f"SmolLM2-135M, float32, batch {args.batch} x {args.seq_len}, LoRA q_proj,v_proj r=8, "
+          f"AdamW; {args.warmup} warm-up + {args.timed} timed steps per child, {args.rounds} "
+          f"interleaved round(s), {args.threads} threads per side, load limit {args.max_load}."
+          f"\n\n{tables(summary)}\n\nMachine: {C.machine_line(machine)} Peer: {machine['peer']}.")
   print(text)
   if not args.quick:
-    C.write_json(C.RESULTS / "peer.json", {"machine": machine, "batch": args.batch,
-                                           "seq_len": args.seq_len, "warmup": args.warmup,
-                                           "timed": args.timed, "results": results})
+    C.write_json(C.RESULTS / "peer.json", {"machine": machine, "args": vars(args),
+                                           "summary": summary, "rounds": rounds})
     (C.RESULTS / "peer.md").write_text(text + "\n")
 
 

@@ -16,7 +16,8 @@ from peft_jax import sharding
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.tree import combine
-from peft_jax.models.llama import causal_lm_loss
+from peft_jax.models.fused_ce import linear_cross_entropy
+from peft_jax.models.llama import LlamaForCausalLM, causal_lm_loss
 
 
 class TrainState(NamedTuple):
@@ -32,13 +33,48 @@ def lm_loss(model: nn.Module, config: LoRAConfig | None, params: Mapping[str, An
             quant_impl: str | None = None) -> jax.Array:
   """Next-token cross-entropy of ``model`` with its adapters active.
 
+  For a ``LlamaForCausalLM`` whose head is a plain matrix (tied embedding, or
+  an ``lm_head`` kernel without adapters or quantization) the head and the
+  loss run fused and chunked (:func:`peft_jax.models.fused_ce.
+  linear_cross_entropy`): the same number, without the batch's full logits.
   ``quant_impl``: the ``nf4_matmul`` implementation for quantized kernels
   (default: by backend).
   """
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
+  head = _plain_head(model, params)
   with intercept(config, quant_impl=quant_impl):
-    logits = model.apply({"params": params}, inputs, rngs=rngs)
-  return causal_lm_loss(logits, labels)
+    if head is None:
+      logits = model.apply({"params": params}, inputs, rngs=rngs)
+    else:
+      hidden = model.apply({"params": params}, inputs, rngs=rngs, method=_hidden_states)
+  if head is None:
+    return causal_lm_loss(logits, labels)
+  weight, vocab_axis = head
+  return linear_cross_entropy(hidden, weight, labels, vocab_axis=vocab_axis,
+                              dtype=model.config.dtype)
+
+
+def _hidden_states(module: LlamaForCausalLM, inputs: jax.Array) -> jax.Array:
+  return module.model(inputs)
+
+
+def _plain_head(model: nn.Module, params: Mapping[str, Any]):
+  """``(weight, vocab_axis)`` of a Llama head the fused loss can take, else None."""
+  if type(model) is not LlamaForCausalLM or not isinstance(params, Mapping):  # pylint: disable=unidiomatic-typecheck
+    return None
+  try:
+    if model.config.tie_word_embeddings:
+      weight, vocab_axis = params["model"]["embed_tokens"]["embedding"], 0
+    else:
+      head = params["lm_head"]
+      if set(head) != {"kernel"}:
+        return None  # adapters on the head: the interceptor must run it
+      weight, vocab_axis = head["kernel"], 1
+  except (KeyError, TypeError):
+    return None
+  if not isinstance(weight, jax.Array) or weight.ndim != 2:
+    return None  # e.g. a quantized head
+  return weight, vocab_axis
 
 
 def make_train_step(

@@ -1,5 +1,6 @@
 """GaLore: reference numbers (galore-torch), a float64 NumPy oracle, layout, state."""
 
+import importlib
 import json
 import pathlib
 
@@ -300,3 +301,40 @@ def test_bf16_params_keep_dtype():
   assert updates["mlp"]["kernel"].dtype == jnp.bfloat16
   assert state[0].out_projector["mlp"]["kernel"].dtype == jnp.bfloat16
   chex.assert_tree_all_finite(updates)
+
+
+def test_auto_refresh_is_exact_on_small_matrices_and_randomized_on_large():
+  galore_module = importlib.import_module("peft_jax.optim.galore")
+  dims = po.GaLoreDimensionNumbers()
+  small = galore_module._make_plan("a", (8, 12), dims, 4, "std")  # pylint: disable=protected-access
+  large = galore_module._make_plan("a", (48, 64), dims, 4, "std")  # pylint: disable=protected-access
+  assert galore_module._resolve_refresh("auto", small, 8) == "svd"  # pylint: disable=protected-access
+  assert galore_module._resolve_refresh("auto", large, 8) == "randomized"  # pylint: disable=protected-access
+  assert galore_module._resolve_refresh("svd", large, 8) == "svd"  # pylint: disable=protected-access
+  with pytest.raises(ValueError, match="refresh"):
+    po.galore(refresh="lanczos")
+
+
+@pytest.mark.parametrize("kernel_shape", [(48, 64), (64, 48)])  # in side, out side projected
+def test_default_refresh_spans_top_subspace_one_sided_and_never_retraces(kernel_shape):
+  rng = np.random.default_rng(4)
+  n_in, n_out = kernel_shape
+  u = np.linalg.qr(rng.standard_normal((n_in, 4)))[0]
+  v = np.linalg.qr(rng.standard_normal((n_out, 4)))[0]
+  g = (u * [10.0, 8.0, 6.0, 4.0]) @ v.T + 0.01 * rng.standard_normal(kernel_shape)
+  params = {"mlp": {"kernel": jnp.zeros(kernel_shape, jnp.float32)}}
+  grads = {"mlp": {"kernel": jnp.asarray(g, jnp.float32)}}
+  projectors = {}
+  for method in ("svd", "auto"):
+    tx = po.scale_by_galore(rank=4, update_proj_gap=2, refresh=method)
+    update = jax.jit(tx.update)
+    state = tx.init(params)
+    for _ in range(3):  # refresh, plain step, refresh
+      _, state = update(grads, state, None)
+    assert update._cache_size() == 1  # pylint: disable=protected-access
+    side = state.in_projector if n_out >= n_in else state.out_projector
+    projectors[method] = np.asarray(side["mlp"]["kernel"])
+  a, b = projectors["svd"], projectors["auto"]
+  assert a.shape == b.shape == (min(kernel_shape), 4)
+  np.testing.assert_allclose(b.T @ b, np.eye(4), atol=1e-5)  # orthonormal
+  np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-3)  # the same subspace

@@ -76,7 +76,7 @@ def test_bf16_compute_and_output_dtype():
 
 
 def test_untileable_shapes_fall_back():
-  w, dense = make(256, 40)  # N = 40 tiles on neither backend
+  w, dense = make(256, 36)  # N = 36 tiles on neither backend (TPU takes whole multiples of 8)
   x = jax.random.normal(jax.random.key(8), (3, 256))
   assert select_impl(w, 3, "pallas", platform="gpu") == "xla"
   assert select_impl(w, 3, None, platform="tpu") == "xla"
@@ -115,7 +115,8 @@ def test_kernels_lower_for_gpu_and_tpu(platform, lowering):
 
 def test_tile_choice():
   assert kernels.choose_tiles(1, 4096, 4096, 64, "gpu") == kernels.TileConfig(16, 128, 128)
-  assert kernels.choose_tiles(2048, 4096, 4096, 64, "tpu").block_m == 256
+  tpu = kernels.choose_tiles(2048, 4096, 4096, 64, "tpu")  # chunk 512 would overflow VMEM
+  assert (tpu.block_m, tpu.chunk_rows) == (256, 256)
   assert kernels.choose_tiles(8, 4096, 100, 64, "gpu") is None
 
 
@@ -130,3 +131,42 @@ def test_errors():
   stacked = quantize_array(jnp.ones((2, 256, 128)), F32, stack_ndim=1)
   with pytest.raises(ValueError, match="stack"):
     nf4_matmul(jnp.ones((2, 256)), stacked)
+
+
+def test_xla_path_dequantizes_once_for_many_rows_and_scans_for_few():
+  w, dense = make(256, 128)
+  target = jax.random.normal(jax.random.key(9), (80, 128))
+  for m in (8, 80):  # below and above the rows from which the weight is dequantized once
+    x = jax.random.normal(jax.random.key(8), (m, 256))
+    loss = lambda x: jnp.sum((nf4_matmul(x, w, impl="xla") - target[:m]) ** 2)
+    value, grad = jax.value_and_grad(loss)(x)
+    dense_value, dense_grad = jax.value_and_grad(lambda x: jnp.sum((x @ dense - target[:m]) ** 2))(x)
+    assert rel_err(value, dense_value) < 1e-5 and rel_err(grad, dense_grad) < 1e-5
+    hlo = jax.jit(jax.grad(loss)).lower(x).as_text()
+    assert ("while" in hlo) == (m < 64), m  # the K-tile scan only for few rows
+
+
+@pytest.mark.parametrize("k,n", [(4096, 4096), (4096, 14336), (14336, 4096), (576, 576),
+                                 (576, 1536), (1536, 576), (576, 192), (2048, 2048),
+                                 (3072, 3072), (2048, 8192), (3072, 8192), (8192, 2048)])
+def test_tpu_tiles_cover_common_widths_within_vmem(k, n):
+  for m in (1, 16, 128, 2048):
+    tiles = kernels.choose_tiles(m, k, n, 64, "tpu")
+    assert tiles is not None, (m, k, n)
+    assert kernels.tpu_vmem_bytes(tiles, k, n, 64) <= kernels.TPU_VMEM_BUDGET_BYTES, (m, k, n, tiles)
+    assert (k // 2) % tiles.chunk_rows == 0 and n % tiles.block_n == 0
+    assert tiles.block_n % 128 == 0 or tiles.block_n == n
+    assert tiles.chunk_rows % 128 == 0 or tiles.chunk_rows == k // 2
+
+
+def test_full_width_tpu_tiles_lower():
+  w, _ = make(576, 576, NF4())  # SmolLM2's width: one full-width block each way
+  x = jax.random.normal(jax.random.key(11), (16, 576)).astype(jnp.bfloat16)
+
+  def step(x, w):
+    y, vjp = jax.vjp(lambda x: nf4_matmul(x, w, impl="pallas", platform="tpu"), x)
+    return y, vjp(y)[0]
+
+  assert select_impl(w, 16, "pallas", platform="tpu") == "pallas"
+  text = jax.jit(step).trace(x, w).lower(lowering_platforms=("tpu",)).as_text()
+  assert text.count("@tpu_custom_call") == 2

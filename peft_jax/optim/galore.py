@@ -32,7 +32,7 @@ __all__ = [
 ]
 
 ProjType = Literal["std", "reverse_std", "left", "right", "full"]
-RefreshMethod = Literal["svd", "randomized"]
+RefreshMethod = Literal["auto", "svd", "randomized"]
 
 # Attention and MLP kernels, the reference's choice ("attn" or "mlp" in the
 # module name, `torchrun_main.py`). Embeddings, norms, biases and the head
@@ -311,6 +311,58 @@ def _randomized_projectors(
   return row_vectors, col_vectors  # (nb, n, r), (nb, m, r)
 
 
+def _one_side_projector(
+    g3: jax.Array, plan: _Plan, key: jax.Array, oversample: int, power_iterations: int
+) -> jax.Array:
+  """Top-`rank` singular vectors of the projected side only, (nb, side, r).
+
+  The range finder of `_randomized_projectors` on `A` = the gradient with
+  the projected side as rows, with one QR per power iteration
+  (`Q <- qr(A Aᵀ Q)`) and, instead of an SVD of the `k x cols` sketch
+  `B = Qᵀ A`, the eigenvectors of the `k x k` matrix `B Bᵀ`: every large
+  product is a matmul, and LAPACK only sees `rows x k` QRs and a `k x k`
+  eigenproblem. Cost `2 rows cols k (2 q + 2)` flops.
+  """
+  a = g3.astype(jnp.float32)  # (nb, in, out)
+  if plan.side == "out":
+    a = jnp.swapaxes(a, -1, -2)
+  nb, rows, cols = a.shape
+  k = min(plan.rank + oversample, rows, cols)
+  at = jnp.swapaxes(a, -1, -2)
+  q = _orthonormal_range(a @ jax.random.normal(key, (nb, cols, k), jnp.float32))
+  for _ in range(power_iterations):
+    q = _orthonormal_range(a @ (at @ q))
+  b = jnp.swapaxes(q, -1, -2) @ a  # (nb, k, cols)
+  _, vectors = jnp.linalg.eigh(b @ jnp.swapaxes(b, -1, -2))  # ascending eigenvalues
+  return q @ vectors[:, :, ::-1][:, :, : plan.rank]
+
+
+_DEFAULT_OVERSAMPLE = 8
+
+
+def _static_int(name: str, value: Any) -> int:
+  """`value` as a Python int; it sets shapes or a loop count, so it cannot be traced."""
+  if isinstance(value, jax.core.Tracer):
+    raise ValueError(
+        f"GaLore's {name} sets array shapes / a loop count and must be a Python int, got a "
+        f"traced value; with optax.inject_hyperparams, list {name!r} in static_args."
+    )
+  return int(value)
+
+
+def _resolve_refresh(method: str, plan: _Plan, oversample: Any) -> str:
+  """"auto": the exact SVD where a sketch of `rank + oversample` probes would
+  span the whole smaller side anyway (nothing to save), else "randomized".
+
+  (A traced `oversample`, from `optax.inject_hyperparams`, decides with the
+  default; the randomized refresh itself then asks for it to be static.)
+  """
+  if method != "auto":
+    return method
+  p = _DEFAULT_OVERSAMPLE if isinstance(oversample, jax.core.Tracer) else int(oversample)
+  return "svd" if plan.rank + p >= min(plan.n_in, plan.n_out) else "randomized"
+
+
 def _refresh(
     g3: jax.Array,
     plan: _Plan,
@@ -320,10 +372,17 @@ def _refresh(
     power_iterations: int,
     dtype: Any,
 ) -> tuple[Optional[jax.Array], Optional[jax.Array]]:
+  method = _resolve_refresh(method, plan, oversample)
   if method == "svd":
     in_p, out_p = _svd_projectors(g3, plan)
   else:
-    in_p, out_p = _randomized_projectors(g3, plan, key, oversample, power_iterations)
+    sketch = (g3, plan, key, _static_int("oversample", oversample),
+              _static_int("power_iterations", power_iterations))
+    if plan.side == "both":
+      in_p, out_p = _randomized_projectors(*sketch)
+    else:
+      one = _one_side_projector(*sketch)
+      in_p, out_p = (one, None) if plan.side == "in" else (None, one)
   in_shape, out_shape = plan.projector_shapes()
   in_p = None if in_shape is None else in_p.reshape(in_shape).astype(dtype)
   out_p = None if out_shape is None else out_p.reshape(out_shape).astype(dtype)
@@ -366,7 +425,7 @@ def scale_by_galore(
     *,
     targets: _paths.Patterns = None,
     dimension_numbers: Any = None,
-    refresh: RefreshMethod = "svd",
+    refresh: RefreshMethod = "auto",
     oversample: int = 8,
     power_iterations: int = 2,
     seed: int = 0,
@@ -375,8 +434,9 @@ def scale_by_galore(
   r"""Adam with the moments of chosen matrices kept in a low-rank subspace.
 
   For a targeted matrix with gradient `G` (reference layout `(out, in)`) and
-  projector `P` refreshed from the SVD of `G` every `update_proj_gap` steps
-  (before the update, so at steps 0, gap, 2 gap, ...):
+  projector `P` refreshed from the top singular vectors of `G` (see
+  `refresh`) every `update_proj_gap` steps (before the update, so at steps
+  0, gap, 2 gap, ...):
 
   .. math::
 
@@ -414,7 +474,14 @@ def scale_by_galore(
     dimension_numbers: `GaLoreDimensionNumbers`, a mapping from path patterns
       to them, or a callable of the path; default `(in, out)` = last two axes,
       leading axes batch (one projector per stacked layer).
-    refresh: "svd" (exact, float32) or "randomized" (range finder).
+    refresh: "auto" (default: "randomized" where `rank + oversample` is
+      below the matrix's smaller side, else "svd"), "svd" (exact float32
+      SVD, galore-torch's projectors step for step) or "randomized" (range
+      finder with `power_iterations` QR-stabilised passes; for one-sided
+      projections only that side's vectors are computed, from a
+      `(rank + oversample)`-square eigenproblem). On CPU the exact SVD is
+      LAPACK's level-2-bound bidiagonalisation, which is slow and fights
+      XLA's threads for the cores; the randomized refresh is matmuls.
     oversample: extra probes of the randomized refresh.
     power_iterations: power iterations of the randomized refresh.
     seed: seed of the randomized refresh's probes (folded with the step).
@@ -434,8 +501,8 @@ def scale_by_galore(
     Halko, Martinsson & Tropp, `Finding structure with randomness
     <https://arxiv.org/abs/0909.4061>`_, SIAM Review 2011.
   """
-  if refresh not in ("svd", "randomized"):
-    raise ValueError(f"refresh must be 'svd' or 'randomized', got {refresh!r}.")
+  if refresh not in ("auto", "svd", "randomized"):
+    raise ValueError(f"refresh must be 'auto', 'svd' or 'randomized', got {refresh!r}.")
   _side(proj_type, 1, 1)  # validates proj_type early
   _check_hyperparameters(rank, update_proj_gap, scale, b1, b2, eps, oversample,
                          power_iterations)
@@ -637,13 +704,18 @@ def galore(
     *,
     targets: _paths.Patterns = None,
     dimension_numbers: Any = None,
-    refresh: RefreshMethod = "svd",
+    refresh: RefreshMethod = "auto",
     oversample: int = 8,
     power_iterations: int = 2,
     seed: int = 0,
     reset_moments: bool = False,
 ) -> base.GradientTransformation:
   r"""GaLore AdamW, matching `galore_torch.GaLoreAdamW` step for step.
+
+  (Step for step with `refresh="svd"`, which the default `"auto"` uses
+  wherever a randomized sketch would not be smaller than the matrix; on
+  larger matrices `"auto"` takes the randomized refresh, which spans the same
+  top subspace up to a small loss of captured gradient energy.)
 
   `scale_by_galore`, then `-learning_rate`, then the reference's decoupled
   weight decay, applied after the update to the new parameter

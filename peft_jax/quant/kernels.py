@@ -54,18 +54,51 @@ def _next_power_of_two(n: int) -> int:
   return 1 << max(n - 1, 0).bit_length()
 
 
+# The VMEM a Mosaic kernel may use without raising the scoped limit: 16 MiB on
+# v5e (the smallest default; v4/v5p/v6e allow 16-32 MiB). A TPU BlockSpec
+# block is copied whole into VMEM, twice (double-buffered), so the tile choice
+# below keeps every block of both kernels within it.
+TPU_VMEM_BUDGET_BYTES = 16 * 2**20
+
+
+def tpu_vmem_bytes(tiles: TileConfig, k: int, n: int, block_size: int,
+                   x_itemsize: int = 4) -> int:
+  """VMEM one TPU program holds: the larger of the forward and backward kernels.
+
+  Counts every BlockSpec block twice (Mosaic double-buffers them) and the
+  in-kernel temporaries once (the accumulators, one decoded high/low tile
+  pair and the activation slices fed to the dots), for activations of
+  ``x_itemsize`` bytes (4: float32, the worst case).
+  """
+  bm, bn, chunk = tiles.block_m, tiles.block_n, tiles.chunk_rows
+  rows, half_block = k // 2, block_size // 2
+  decoded = 2 * chunk * bn * 4
+  forward = (2 * (2 * bm * rows * x_itemsize + rows * bn + rows // half_block * bn * 4)
+             + 2 * bm * bn * 4 + bm * bn * 4 + decoded + 2 * bm * chunk * 4)
+  backward = (2 * (bm * n * x_itemsize + chunk * n + chunk // half_block * n * 4)
+              + 2 * 2 * bm * chunk * 4 + 2 * bm * chunk * 4 + decoded + bm * bn * 4)
+  return max(forward, backward)
+
+
 def choose_tiles(m: int, k: int, n: int, block_size: int, platform: str) -> TileConfig | None:
   """Tiles for an ``(m, k) @ (k, n)`` product, or ``None`` if it cannot tile.
+
+  On TPU a block dimension is a multiple of 128 lanes / 8 sublanes or the
+  whole axis, so widths such as 576 (SmolLM2) tile as one full-width block
+  where no multiple of 128 divides them, and the tiles shrink
+  (``chunk_rows`` to 128, then ``block_m``, then ``block_n``) until
+  :func:`tpu_vmem_bytes` fits :data:`TPU_VMEM_BUDGET_BYTES`.
 
   Args:
     m, k, n: the product's sizes (``k % block_size == 0`` is assumed).
     block_size: the quantization block size.
     platform: ``"gpu"`` (Triton: power-of-two tiles, dot sizes >= 16) or
-      ``"tpu"`` (Mosaic: lane dims multiples of 128, sublanes of 8/32).
+      ``"tpu"`` (Mosaic: lane dims multiples of 128 or whole, sublanes of
+      8/32 or whole).
 
   Returns:
     A :class:`TileConfig`, or ``None`` when ``k`` or ``n`` do not divide into
-    legal tiles; callers then use the XLA path.
+    legal tiles (or none fits VMEM); callers then use the XLA path.
   """
   if platform not in PLATFORMS:
     raise ValueError(f"platform must be one of {PLATFORMS}, got {platform!r}.")
@@ -79,14 +112,38 @@ def choose_tiles(m: int, k: int, n: int, block_size: int, platform: str) -> Tile
     block_m = min(max(8, _next_power_of_two(m)), 256)
     chunk_candidates = (512, 256, 128)
     n_candidates = (512, 256, 128)
-  chunk = next((c for c in chunk_candidates
-                if rows % c == 0 and c % half_block == 0 and c >= half_block), None)
+  legal_chunk = lambda c: rows % c == 0 and c % half_block == 0 and c >= half_block
+  chunk = next((c for c in chunk_candidates if legal_chunk(c)), None)
   if chunk is None and platform == "gpu" and rows % half_block == 0 and half_block <= 128:
     chunk = half_block
   block_n = next((c for c in n_candidates if n % c == 0), None)
+  if platform == "tpu":
+    if chunk is None and rows % 32 == 0 and legal_chunk(rows):
+      chunk = rows  # the whole K axis in one step (e.g. K = 576: 288 code rows)
+    if block_n is None and n % 8 == 0:
+      block_n = n  # the whole N axis (e.g. N = 576)
   if chunk is None or block_n is None:
     return None
-  return TileConfig(block_m=block_m, block_n=block_n, chunk_rows=chunk)
+  tiles = TileConfig(block_m=block_m, block_n=block_n, chunk_rows=chunk)
+  if platform == "tpu":
+    return _fit_vmem(tiles, k, n, block_size, legal_chunk)
+  return tiles
+
+
+def _fit_vmem(tiles: TileConfig, k: int, n: int, block_size: int, legal_chunk
+              ) -> TileConfig | None:
+  """Halves the TPU tiles until they fit :data:`TPU_VMEM_BUDGET_BYTES` (else None)."""
+  while tpu_vmem_bytes(tiles, k, n, block_size) > TPU_VMEM_BUDGET_BYTES:
+    bm, bn, chunk = tiles.block_m, tiles.block_n, tiles.chunk_rows
+    if chunk % 256 == 0 and legal_chunk(chunk // 2):
+      tiles = dataclasses.replace(tiles, chunk_rows=chunk // 2)
+    elif bm > 8:
+      tiles = dataclasses.replace(tiles, block_m=bm // 2)
+    elif bn % 256 == 0 and n % (bn // 2) == 0:
+      tiles = dataclasses.replace(tiles, block_n=bn // 2)
+    else:
+      return None
+  return tiles
 
 
 def _scaled_tile(codes: jax.Array, scales: jax.Array, half_block: int, table,

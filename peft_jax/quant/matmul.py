@@ -5,9 +5,14 @@ Implementations (all compute the same product; the tests hold them together):
 * ``"pallas"``: the Pallas kernels of :mod:`peft_jax.quant.kernels`, Triton
   on GPU and Mosaic on TPU;
 * ``"pallas_interpret"``: the same kernels in the Pallas interpreter (tests);
-* ``"xla"``: a ``lax.scan`` over ``K`` tiles that dequantizes one tile at a
-  time and accumulates its product, so a tile stays in cache and the float
-  weight is never written out (the CPU path and the oracle of the kernels);
+* ``"xla"``: the CPU path and the oracle of the kernels. For few rows
+  (``M < 64``, decoding) a ``lax.scan`` over ``K`` tiles dequantizes one
+  tile at a time and accumulates its product, so a tile stays in cache and
+  the float weight is never written out; for a batch of rows (training,
+  prefill) the weight is dequantized once, whole, in the compute dtype and
+  used by one full-size matmul (thin ``K``-tile products are memory-bound
+  at large ``M``), again in the backward pass rather than kept (so the
+  float weights of all layers are never alive at once);
 * ``"reference"``: dequantize the whole weight, then one ``dot``.
 
 The gradient flows to ``x`` only (``custom_vjp``): ``dx = dy @ W.T`` through
@@ -33,6 +38,16 @@ IMPLS = ("xla", "pallas", "pallas_interpret", "reference")
 # K rows per step of the XLA path: two 128-row decoded tiles of float32
 # (2 x 128 x N x 4 bytes, 4 MiB at N=4096) measured fastest on a 2-core CPU.
 _XLA_TILE_ROWS = 256
+# Rows of x from which the XLA path dequantizes the whole weight once and
+# runs one matmul, unless the dequantized weight would exceed the byte cap.
+_DEQUANTIZE_ONCE_MIN_ROWS = 64
+_DEQUANTIZE_ONCE_MAX_BYTES = 256 * 2**20
+
+
+def _dequantize_once(w: NF4Array, m: int, compute_dtype) -> bool:
+  k, n = w.matrix_shape
+  return m >= _DEQUANTIZE_ONCE_MIN_ROWS and k * n * np.dtype(compute_dtype).itemsize <= (
+      _DEQUANTIZE_ONCE_MAX_BYTES)
 
 
 def can_use_pallas(w: NF4Array, m: int = 1, platform: str | None = None) -> bool:
@@ -163,7 +178,7 @@ def _dot(a, b, dims=None):
 
 def _forward(x, w, impl, compute_dtype, platform):
   """float32 ``(M, N)``."""
-  if impl == "reference":
+  if impl == "reference" or (impl == "xla" and _dequantize_once(w, x.shape[0], compute_dtype)):
     return _dot(x.astype(compute_dtype), dequantize_array(w, compute_dtype))
   if impl == "xla":
     return _xla_forward(x.astype(compute_dtype), w, compute_dtype)
@@ -177,7 +192,7 @@ def _forward(x, w, impl, compute_dtype, platform):
 
 def _transposed(grad, w, impl, compute_dtype, platform):
   """float32 ``(M, K) = grad @ W.T``."""
-  if impl == "reference":
+  if impl == "reference" or (impl == "xla" and _dequantize_once(w, grad.shape[0], compute_dtype)):
     return _dot(grad.astype(compute_dtype), dequantize_array(w, compute_dtype),
                 (((1,), (1,)), ((), ())))
   if impl == "xla":

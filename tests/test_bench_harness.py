@@ -1,0 +1,64 @@
+"""The peer benchmark's self-checks: load flagging, retries, clean-round medians, phases."""
+
+import importlib.util
+import pathlib
+import types
+
+import pytest
+
+_PATH = pathlib.Path(__file__).resolve().parent.parent / "benchmarks" / "bench_peer.py"
+_SPEC = importlib.util.spec_from_file_location("bench_peer", _PATH)
+bench_peer = importlib.util.module_from_spec(_SPEC)
+_SPEC.loader.exec_module(bench_peer)
+
+
+def _child(tokens, rss, load, phases=(0.5, 1.0, 0.1)):
+  return {"tokens_per_s": tokens, "peak_rss_bytes": rss, "load_start": load, "load_end": load,
+          "phases_s": dict(zip(bench_peer.PHASES, phases))}
+
+
+def test_noisy_rounds_are_retried_then_flagged(monkeypatch):
+  loads = iter([3.0, 3.0, 0.5, 0.5])  # first pair too loaded, the retry is clean
+  calls = []
+
+  def fake_run(python, argv, threads, timeout):
+    calls.append(argv[0])
+    return _child(100.0, 2**30, next(loads))
+
+  monkeypatch.setattr(bench_peer, "_run_child", fake_run)
+  monkeypatch.setattr(bench_peer.time, "sleep", lambda s: None)
+  args = types.SimpleNamespace(warmup=1, timed=2, retries=2, threads=2, timeout=10,
+                               peer_python="py", max_load=1.5, cool_down=0)
+  pair = bench_peer.run_round(args, "lora", pathlib.Path("/tmp"), peer_first=True)
+  assert calls == ["--peer", "--ours", "--peer", "--ours"]  # retried once, peer first
+  assert not pair["noisy"] and pair["attempt"] == 1
+  loads = iter([3.0] * 6)
+  pair = bench_peer.run_round(args, "lora", pathlib.Path("/tmp"), peer_first=False)
+  assert pair["noisy"] and pair["attempt"] == 2 and pair["max_load"] == 3.0
+
+
+def test_summary_uses_clean_rounds_and_reports_phases():
+  clean = {"ours": _child(200.0, 1000, 0.5), "peer": _child(100.0, 2000, 0.6),
+           "max_load": 0.6, "noisy": False}
+  noisy = {"ours": _child(10.0, 1000, 9.0), "peer": _child(100.0, 2000, 9.0),
+           "max_load": 9.0, "noisy": True}
+  summary = bench_peer.summarize({"lora": [clean, noisy]})["lora"]
+  assert summary["tokens_ratio"] == [2.0] and summary["rss_ratio"] == [0.5]
+  assert summary["clean_rounds"] == 1 and not summary["noisy"]
+  text = bench_peer.tables({"lora": summary})
+  assert "2.00x (meets >= 1.3x)" in text and "0.50x (meets <= 0.8x)" in text
+  assert "| lora | ours | 500 ms | 1,000 ms | 100 ms |" in text
+  only_noisy = bench_peer.summarize({"lora": [noisy]})["lora"]
+  assert only_noisy["noisy"] and "NOISY" in bench_peer.tables({"lora": only_noisy})
+
+
+def test_errors_are_reported_not_hidden():
+  failed = {"ours": {"error": "boom"}, "peer": _child(100.0, 2000, 0.5), "max_load": 0.5,
+            "noisy": False}
+  summary = bench_peer.summarize({"qlora": [failed]})["qlora"]
+  assert summary["errors"] == ["boom"] and summary["tokens_ratio"] == []
+  assert "boom" in bench_peer.tables({"qlora": summary})
+
+
+if __name__ == "__main__":
+  pytest.main([__file__])
