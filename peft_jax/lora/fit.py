@@ -22,7 +22,7 @@ def _shape(leaf: Any) -> tuple[int, ...]:
 
 
 def no_kernel(module: str, modules) -> str:
-  """The line for an adapter module without a kernel, naming the closest base modules."""
+  """The line for an adapter site without a weight, naming the closest base modules."""
   close = difflib.get_close_matches(module, list(modules), n=3, cutoff=0.5)
   return f"{module}: no kernel or embedding at this path in the base (closest: {close})"
 
@@ -37,12 +37,13 @@ def misfits(flat: Mapping[str, Any]) -> list[str]:
       leaves[module][name] = leaf
   problems = []
   for module, found in sorted(leaves.items()):
-    if module not in modules:
+    weight = targeting.site_weight(flat, module)  # a module's kernel, or a `<weight>_lora` site's weight
+    if weight is None:
       problems.append(no_kernel(module, modules))
       continue
     if "lora_a" not in found or "lora_b" not in found:
       continue
-    kernel = _shape(flat[f"{module}/{modules[module]}"])
+    kernel = _shape(flat[weight])
     a, b = _shape(found["lora_a"]), _shape(found["lora_b"])
     batch = len(a) + len(b) - 2 - len(kernel)
     ok = (batch >= 0 and len(a) - batch >= 2 and len(b) - batch >= 2
