@@ -17,6 +17,9 @@ import re
 
 import pytest
 
+# Long (the five executed notebooks take ~3.5 min together on 2 cores): run with -m slow.
+pytestmark = pytest.mark.slow
+
 matplotlib = pytest.importorskip("matplotlib")
 matplotlib.use("Agg")
 

@@ -23,6 +23,9 @@ from peft_jax import sharding, training
 from peft_jax.checkpoint import orbax as ckpt
 from peft_jax.cli import finetune, main
 
+# Long (one 8-device subprocess runs every check (~2 min); tests/test_sharding.py stays in the default run): run with -m slow.
+pytestmark = pytest.mark.slow
+
 FAST_CHECKS = ("equivalence lora", "equivalence qlora", "promised specs", "nf4 blocks",
                "restore 8->4")
 ALL_CHECKS = FAST_CHECKS + ("equivalence dora", "equivalence galore", "equivalence full",
