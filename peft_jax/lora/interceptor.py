@@ -35,10 +35,11 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
+from peft_jax.lora import terms
 from peft_jax.lora import ops, quantized
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.nnx_guard import guard as nnx_guard
-from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
+from peft_jax.lora.transform import is_quantized, kernel_value
 
 SUPPORTED = (nn.Dense, nn.DenseGeneral, nn.Einsum, nn.Conv, nn.Embed)
 
@@ -350,34 +351,24 @@ class _Interceptor:
       y_sub, out_sub = "...b", "b"
     else:
       x_sub, k_sub, y_sub = _einsum_subscripts(module, args, kwargs, x)
-      in_sub = "".join(c for c in k_sub if c in x_sub)
-      out_sub = "".join(c for c in k_sub if c in y_sub)
-      h_sub = "".join(c for c in x_sub if c not in in_sub) + layout_lib.RANK_LETTER
       x_drop = _dropout(x, config.dropout, module, deterministic)
-      h = jnp.einsum(f"{x_sub},{in_sub}{layout_lib.RANK_LETTER}->{h_sub}",
-                     x_drop.astype(adapter_dtype), lora_a)
-      lora = jnp.einsum(f"{h_sub},{layout_lib.RANK_LETTER}{out_sub}->{y_sub}", h, lora_b)
+      lora, layout, out_sub = terms.einsum_lora(x_drop.astype(adapter_dtype), lora_a, lora_b,
+                                                x_sub, k_sub, y_sub)
       kernel = module.get_variable("params", "kernel")
-      layout = layout_lib.KernelLayout(
-          tuple(i for i, c in enumerate(k_sub) if c in x_sub),
-          tuple(i for i, c in enumerate(k_sub) if c in y_sub))
 
     if magnitude is None:
       return base_out + (scale * lora).astype(base_out.dtype)
 
-    w0 = kernel_value(kernel, jnp.float32)
-    adapted = w0 + scale * delta_kernel(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
-    norm = jax.lax.stop_gradient(weight_norm(adapted, layout))
-    g = (magnitude.astype(jnp.float32) / norm).astype(adapter_dtype)
     if x_drop is x:
       x_w0 = _bias_free(base_out, module)
     else:
       # Dropout changes the input of the (g - 1) term too, as in the reference.
       # (The module's own __call__ cannot run twice inside one interception.)
-      x_w0 = self._kernel_product(module, x_drop, w0.astype(adapter_dtype), args, kwargs)
-    mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
-    extra = mul(x_w0.astype(adapter_dtype), g - 1) + mul(scale * lora, g)
-    return base_out + extra.astype(base_out.dtype)
+      w0 = kernel_value(kernel, jnp.float32).astype(adapter_dtype)
+      x_w0 = self._kernel_product(module, x_drop, w0, args, kwargs)
+    return terms.dora_output(base_out, x_w0, lora, kernel=kernel, lora_a=lora_a, lora_b=lora_b,
+                             magnitude=magnitude, scale=scale, layout=layout, y_sub=y_sub,
+                             out_sub=out_sub, dtype=adapter_dtype)
 
   def _kernel_product(self, module, x, kernel, args, kwargs):
     """``x W`` without bias, for a dense kernel value ``W`` of ``module``."""

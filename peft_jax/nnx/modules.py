@@ -31,8 +31,9 @@ from flax.linen import module as linen_module
 
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora import ops
+from peft_jax.lora import terms
 from peft_jax.lora.nnx_guard import PEFT_MARKER
-from peft_jax.lora.transform import delta_kernel, is_quantized, kernel_value, weight_norm
+from peft_jax.lora.transform import is_quantized, kernel_value
 from peft_jax.quant.matmul import nf4_matmul
 
 BUILTINS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
@@ -228,34 +229,24 @@ def adapted_call(module, base_call, args, kwargs):
     y_sub, out_sub = "...b", "b"
   else:
     x_sub, k_sub, y_sub = _subscripts(module, x, args, kwargs)
-    in_sub = "".join(c for c in k_sub if c in x_sub)
-    out_sub = "".join(c for c in k_sub if c in y_sub)
-    h_sub = "".join(c for c in x_sub if c not in in_sub) + layout_lib.RANK_LETTER
-    h = jnp.einsum(f"{x_sub},{in_sub}{layout_lib.RANK_LETTER}->{h_sub}",
-                   x_drop.astype(adapter_dtype), lora_a)
-    lora = jnp.einsum(f"{h_sub},{layout_lib.RANK_LETTER}{out_sub}->{y_sub}", h, lora_b)
-    layout = layout_lib.KernelLayout(
-        tuple(i for i, c in enumerate(k_sub) if c in x_sub),
-        tuple(i for i, c in enumerate(k_sub) if c in y_sub))
+    lora, layout, out_sub = terms.einsum_lora(x_drop.astype(adapter_dtype), lora_a, lora_b,
+                                              x_sub, k_sub, y_sub)
 
   if magnitude is None:
     return base_out + (scale * lora).astype(base_out.dtype)
 
-  w0 = kernel_value(kernel, jnp.float32)
-  adapted = w0 + scale * delta_kernel(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
-  norm = jax.lax.stop_gradient(weight_norm(adapted, layout))
-  g = (magnitude.astype(jnp.float32) / norm).astype(adapter_dtype)
   if x_drop is x:
     bias = _bias(module)
     x_w0 = base_out if bias is None else base_out - bias.astype(base_out.dtype)
   elif isinstance(module, nnx.Conv):
-    x_w0 = _lora_conv(module, x_drop.astype(adapter_dtype), w0.astype(adapter_dtype))
+    x_w0 = _lora_conv(module, x_drop.astype(adapter_dtype), kernel_value(kernel, jnp.float32).astype(adapter_dtype))
   else:
     # Dropout changes the input of the (g - 1) term too, as in the reference.
-    x_w0 = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x_drop.astype(adapter_dtype), w0.astype(adapter_dtype))
-  mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
-  extra = mul(x_w0.astype(adapter_dtype), g - 1) + mul(scale * lora, g)
-  return base_out + extra.astype(base_out.dtype)
+    x_w0 = jnp.einsum(f"{x_sub},{k_sub}->{y_sub}", x_drop.astype(adapter_dtype),
+                      kernel_value(kernel, jnp.float32).astype(adapter_dtype))
+  return terms.dora_output(base_out, x_w0, lora, kernel=kernel, lora_a=lora_a, lora_b=lora_b,
+                           magnitude=magnitude, scale=scale, layout=layout, y_sub=y_sub,
+                           out_sub=out_sub, dtype=adapter_dtype)
 
 
 # -- any other module: op-level adapters ------------------------------------------

@@ -1,0 +1,47 @@
+"""The adapter terms shared by the linen interceptor and the NNX layers.
+
+Given the einsum subscripts of a module's product ``y = x W`` (``x_sub``,
+``k_sub``, ``y_sub``), :func:`einsum_lora` computes ``(x A) B`` and the
+kernel's layout, and :func:`dora_output` recombines a DoRA output::
+
+    y = base(x) + (g - 1) * (x W0) + g * s * (x A) B,
+    g = m / stop_gradient(||W0 + s B A||)   (norm over input axes, per output)
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from peft_jax.lora import layout as layout_lib
+from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
+
+
+def einsum_lora(x, lora_a, lora_b, x_sub: str, k_sub: str, y_sub: str):
+  """``((x A) B, layout, out_sub)`` for a kernel with subscripts ``k_sub``."""
+  rank = layout_lib.RANK_LETTER
+  in_sub = "".join(c for c in k_sub if c in x_sub)
+  out_sub = "".join(c for c in k_sub if c in y_sub)
+  h_sub = "".join(c for c in x_sub if c not in in_sub) + rank
+  h = jnp.einsum(f"{x_sub},{in_sub}{rank}->{h_sub}", x, lora_a)
+  lora = jnp.einsum(f"{h_sub},{rank}{out_sub}->{y_sub}", h, lora_b)
+  layout = layout_lib.KernelLayout(
+      tuple(i for i, c in enumerate(k_sub) if c in x_sub),
+      tuple(i for i, c in enumerate(k_sub) if c in y_sub))
+  return lora, layout, out_sub
+
+
+def dora_output(base_out, x_w0, lora, *, kernel, lora_a, lora_b, magnitude, scale,
+                layout: layout_lib.KernelLayout, y_sub: str, out_sub: str, dtype):
+  """``base_out`` plus DoRA's ``(g - 1) x W0 + g s (x A) B`` (see module docstring).
+
+  ``x_w0``: the bias-free product of the (dropped-out) input with ``W0``.
+  """
+  w0 = kernel_value(kernel, jnp.float32)
+  adapted = w0 + scale * delta_kernel(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32),
+                                      layout)
+  norm = jax.lax.stop_gradient(weight_norm(adapted, layout))
+  g = (magnitude.astype(jnp.float32) / norm).astype(dtype)
+  mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
+  extra = mul(x_w0.astype(dtype), g - 1) + mul(scale * lora, g)
+  return base_out + extra.astype(base_out.dtype)
