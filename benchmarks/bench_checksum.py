@@ -46,7 +46,7 @@ def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   parser.add_argument("--quick", action="store_true", help="10 MiB, 3 reps")
   parser.add_argument("--mib", type=int, default=100)
-  parser.add_argument("--reps", type=int, default=7)
+  parser.add_argument("--reps", type=int, default=25)
   args = parser.parse_args()
   mib, reps = (10, 3) if args.quick else (args.mib, args.reps)
   adapters = adapter_set(mib)
