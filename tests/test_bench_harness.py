@@ -12,13 +12,14 @@ bench_peer = importlib.util.module_from_spec(_SPEC)
 _SPEC.loader.exec_module(bench_peer)
 
 
-def _child(tokens, rss, load, phases=(0.5, 1.0, 0.1)):
-  return {"tokens_per_s": tokens, "peak_rss_bytes": rss, "load_start": load, "load_end": load,
-          "phases_s": dict(zip(bench_peer.PHASES, phases))}
+def _child(tokens, rss, foreign, phases=(0.5, 1.0, 0.1)):
+  # The 1-min load average includes the child's own threads: it never decides.
+  return {"tokens_per_s": tokens, "peak_rss_bytes": rss, "load_start": 2.0, "load_end": 2.0,
+          "foreign_load": foreign, "phases_s": dict(zip(bench_peer.PHASES, phases))}
 
 
 def test_noisy_rounds_are_retried_then_flagged(monkeypatch):
-  loads = iter([3.0, 3.0, 0.5, 0.5])  # first pair too loaded, the retry is clean
+  loads = iter([1.0, 1.0, 0.1, 0.1])  # first pair disturbed, the retry is clean
   calls = []
 
   def fake_run(python, argv, threads, timeout):
@@ -28,20 +29,20 @@ def test_noisy_rounds_are_retried_then_flagged(monkeypatch):
   monkeypatch.setattr(bench_peer, "_run_child", fake_run)
   monkeypatch.setattr(bench_peer.time, "sleep", lambda s: None)
   args = types.SimpleNamespace(warmup=1, timed=2, retries=2, threads=2, timeout=10,
-                               peer_python="py", max_load=1.5, cool_down=0)
+                               peer_python="py", max_foreign=0.25, cool_down=0)
   pair = bench_peer.run_round(args, "lora", pathlib.Path("/tmp"), peer_first=True)
   assert calls == ["--peer", "--ours", "--peer", "--ours"]  # retried once, peer first
   assert not pair["noisy"] and pair["attempt"] == 1
-  loads = iter([3.0] * 6)
+  loads = iter([1.0] * 6)
   pair = bench_peer.run_round(args, "lora", pathlib.Path("/tmp"), peer_first=False)
-  assert pair["noisy"] and pair["attempt"] == 2 and pair["max_load"] == 3.0
+  assert pair["noisy"] and pair["attempt"] == 2 and pair["foreign_load"] == 1.0
 
 
 def test_summary_uses_clean_rounds_and_reports_phases():
-  clean = {"ours": _child(200.0, 1000, 0.5), "peer": _child(100.0, 2000, 0.6),
-           "max_load": 0.6, "noisy": False}
-  noisy = {"ours": _child(10.0, 1000, 9.0), "peer": _child(100.0, 2000, 9.0),
-           "max_load": 9.0, "noisy": True}
+  clean = {"ours": _child(200.0, 1000, 0.05), "peer": _child(100.0, 2000, 0.1),
+           "max_load": 2.0, "foreign_load": 0.1, "noisy": False}
+  noisy = {"ours": _child(10.0, 1000, 3.0), "peer": _child(100.0, 2000, 3.0),
+           "max_load": 9.0, "foreign_load": 3.0, "noisy": True}
   summary = bench_peer.summarize({"lora": [clean, noisy]})["lora"]
   assert summary["tokens_ratio"] == [2.0] and summary["rss_ratio"] == [0.5]
   assert summary["clean_rounds"] == 1 and not summary["noisy"]
@@ -53,11 +54,38 @@ def test_summary_uses_clean_rounds_and_reports_phases():
 
 
 def test_errors_are_reported_not_hidden():
-  failed = {"ours": {"error": "boom"}, "peer": _child(100.0, 2000, 0.5), "max_load": 0.5,
-            "noisy": False}
+  failed = {"ours": {"error": "boom"}, "peer": _child(100.0, 2000, 0.1), "max_load": 2.0,
+            "foreign_load": 0.1, "noisy": False}
   summary = bench_peer.summarize({"qlora": [failed]})["qlora"]
   assert summary["errors"] == ["boom"] and summary["tokens_ratio"] == []
   assert "boom" in bench_peer.tables({"qlora": summary})
+
+
+def test_foreign_load_counts_other_processes_not_the_child(monkeypatch):
+  """While a child ran 2 s: machine busy 3.5 CPU-s, the child (and we) 2.5: 0.5 cores foreign."""
+  clock = {"wall": 0.0, "busy": 0.0, "own": 0.0}
+
+  def fake_subprocess_run(cmd, **kwargs):
+    clock["wall"] += 2.0
+    clock["busy"] += 3.5
+    clock["own"] += 2.5
+    return types.SimpleNamespace(returncode=0, stdout='{"tokens_per_s": 1.0}\n', stderr="")
+
+  monkeypatch.setattr(bench_peer.subprocess, "run", fake_subprocess_run)
+  monkeypatch.setattr(bench_peer.time, "perf_counter", lambda: clock["wall"])
+  monkeypatch.setattr(bench_peer, "_machine_busy_s", lambda: clock["busy"])
+  monkeypatch.setattr(bench_peer, "_own_cpu_s", lambda: clock["own"])
+  result = bench_peer._run_child("py", ["--ours", "lora"], 2, 10)
+  assert result["foreign_load"] == pytest.approx(0.5)
+  assert result["wall_s"] == 2.0
+
+
+def test_machine_counters_move_with_our_own_work():
+  busy0, own0 = bench_peer._machine_busy_s(), bench_peer._own_cpu_s()
+  total = 0
+  while bench_peer._own_cpu_s() - own0 < 0.3:
+    total += sum(range(10_000))
+  assert bench_peer._machine_busy_s() - busy0 >= 0.2  # our own CPU time is machine busy time
 
 
 if __name__ == "__main__":
