@@ -563,6 +563,11 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
                   "saves none for a model without biases): imported as bias='none'.",
                   stacklevel=2)
     bias = "none"
+  for name in saved_names:
+    if not any(_is_saved_module(path_map.to_hf(targeting.split_path(m)[0]), (name,))
+               for m in copies):
+      raise ut.malformed(config_path, "modules_to_save", saved_names,
+                         f"{weights_path} holds no tensor of a module named {name!r}")
   if base_params is not None and not scanned:
     _check_copies(copies, key_of, base_params, weights_path)
   modules = dict(per_layer)
