@@ -301,3 +301,18 @@ def test_multitask_switches_copies_and_refuses_to_stack_them(qwen2):
   assert np.abs(_logits(model, second, config) - _logits(model, first, config)).max() > 1e-3
   with pytest.raises(ValueError, match="saved copies"):
     pj.multitask.stack_adapters(library)
+
+
+def test_cli_flags_reach_the_config():
+  from peft_jax.cli import finetune as ft
+  from peft_jax.cli.main import build_parser
+
+  args = build_parser().parse_args(["finetune", "--modules-to-save", "lm_head, embed_tokens",
+                                    "--bias", "lora_only", "--method", "loraplus", "--seed", "0"])
+  hp = ft.hyperparameters_from_args(args)
+  hp.validate()
+  config = ft._lora_config(hp)  # pylint: disable=protected-access
+  assert (config.modules_to_save, config.bias) == (("lm_head", "embed_tokens"), "lora_only")
+  args = build_parser().parse_args(["finetune", "--bias", "all", "--method", "galore", "--seed", "0"])
+  with pytest.raises(ft.CliError, match="galore would ignore them"):
+    ft.hyperparameters_from_args(args).validate()
