@@ -316,3 +316,16 @@ def test_cli_flags_reach_the_config():
   args = build_parser().parse_args(["finetune", "--bias", "all", "--method", "galore", "--seed", "0"])
   with pytest.raises(ft.CliError, match="galore would ignore them"):
     ft.hyperparameters_from_args(args).validate()
+
+
+def test_copies_are_sharded_like_the_params_they_copy():
+  from jax.sharding import PartitionSpec as P
+
+  from peft_jax import sharding
+
+  tree = {"lm_head": {"kernel": jnp.ones((4, 8)), "saved": {"kernel": jnp.ones((4, 8))}},
+          "q_proj": {"bias": jnp.ones(8), "saved": {"bias": jnp.ones(8)}}}
+  rules = ((r"lm_head/kernel", P(None, "model")), (r".*/bias", P("model")))
+  specs = sharding.param_specs(tree, rules, {"model": 2})
+  assert specs["lm_head"]["saved"]["kernel"] == specs["lm_head"]["kernel"] == P(None, "model")
+  assert specs["q_proj"]["saved"]["bias"] == P("model")
