@@ -9,7 +9,6 @@ model's logits.
 
 import json
 import pathlib
-import warnings
 
 import jax
 import jax.numpy as jnp
@@ -266,6 +265,7 @@ def test_gemma3_saved_embedding_gives_peft_logits(tmp_path):
     pj.nnx.merge(model)
 
 
+@pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits test above runs the copy
 def test_gemma3_saved_embedding_trains_the_copy_only():
   _, model = load_gemma3_hf(HF_TINY / "gemma3")
   original = np.asarray(model.model.embed_tokens.embedding.get_value())
