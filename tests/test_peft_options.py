@@ -263,6 +263,12 @@ def test_gemma3_saved_embedding_gives_peft_logits(tmp_path):
                                 theirs["base_model.model.model.embed_tokens.weight"])
   with pytest.raises(ValueError, match="tied embedding"):
     pj.nnx.merge(model)
+  # On an nnx.State the copy becomes an Adapter variable at the module's `saved` dict.
+  _, plain = load_gemma3_hf(HF_TINY / "gemma3")
+  with pytest.warns(UserWarning, match="tied head"):
+    state = pj.nnx.lora_transform(nnx.state(plain, nnx.Param), config, key=jax.random.key(0))
+  copy = dict(nnx.to_flat_state(state))[("model", "embed_tokens", "saved", "embedding")]
+  assert isinstance(copy, pj.nnx.Adapter)
 
 
 @pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits test above runs the copy

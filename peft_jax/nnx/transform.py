@@ -279,7 +279,11 @@ def _state_with(state: nnx.State, params: Mapping[str, Any], config: LoRAConfig)
   for path, value in new.items():
     module, name = targeting.split_path(path)
     kind = Adapter if is_adapter_path(path, config) else nnx.Param
-    flat.append((module_paths[module] + (name,), kind(value)))
+    if module not in module_paths and _is_dict_site(module):  # a new `m/saved` or `m/w_lora` dict
+      owner, site = targeting.split_path(module)
+      flat.append((module_paths[owner] + (site, name), kind(value)))
+    else:
+      flat.append((module_paths[module] + (name,), kind(value)))
   return nnx.from_flat_state(flat)
 
 
