@@ -37,6 +37,7 @@ from peft_jax.checkpoint.untrusted import check_name
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.layout import KernelLayout
+from peft_jax.lora.saved import is_saved_path
 from peft_jax.lora.tree import combine
 
 STACK_LEAVES = ("lora_a_stack", "lora_b_stack", "lora_scale_stack")
@@ -136,12 +137,20 @@ def stack_adapters(library: Mapping[str, TaskAdapter], *,
 
   Raises:
     ValueError: DoRA or AdaLoRA adapters (their magnitudes and singular
-      values are per adapter and per kernel; merge them per task instead), or
+      values are per adapter and per kernel; merge them per task instead),
+      saved copies (``modules_to_save``, ``bias``: use :func:`with_adapter`), or
       adapters whose shapes disagree across tasks.
   """
   if not library:
     raise ValueError("Pass at least one adapter to stack.")
   names = tuple(library)
+  for name in names:
+    copies = [p for p in targeting.flatten(targeting.unwrap_params(library[name].adapters)[0])
+              if is_saved_path(p)]
+    if copies:
+      raise ValueError(
+          f"Adapter {name!r} holds saved copies ({copies[0]!r}, modules_to_save or bias): "
+          "mixed-adapter batches stack LoRA factors only. Serve it with with_adapter.")
   per_task = [_module_leaves(library[n].adapters) for n in names]
   modules = sorted({m for leaves in per_task for m in leaves})
   flat = {}

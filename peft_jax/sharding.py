@@ -52,6 +52,7 @@ from jax.sharding import PartitionSpec as P
 
 from peft_jax.lora.layout import layout_from_adapters
 from peft_jax.quant.nf4 import NF4Array, is_quantized
+from peft_jax.lora.saved import base_path as saved_base_path, is_saved_path
 
 __all__ = [
     "Rules",
@@ -344,6 +345,8 @@ def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
       kernel = context[kernel_path]
       entries = _adapter_spec(name, leaf.shape, kernel.shape, a.shape, b.shape,
                               kernel_entries(kernel_path, kernel))
+    elif is_saved_path(path):  # a trainable copy is placed as the param it copies
+      entries = kernel_entries(saved_base_path(path), leaf)
     else:
       entries = kernel_entries(path, leaf)
     specs.append(P(*check.fit(path, leaf.shape, entries)))

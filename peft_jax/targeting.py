@@ -39,6 +39,7 @@ ALL_LINEAR = "all-linear"
 KERNEL_LEAVES = ("kernel", "embedding")
 ADAPTER_LEAVES = ("lora_a", "lora_b", "lora_magnitude", "lora_e")
 SITE_SUFFIX = "_lora"
+SAVED = "saved"  # trainable copies of a module's params (peft_jax.lora.saved)
 OUTPUT_HEAD_NAMES = ("lm_head", "output", "head", "classifier", "score")
 
 _LAYER_INDEX = re.compile(r"(?:^|/)(?:layers|layer|h|blocks|block)_(\d+)(?:/|$)")
@@ -81,6 +82,8 @@ def adaptable_modules(params: Mapping[str, Any],
   found = {}
   for path, leaf_value in flatten(params).items():
     module, leaf = split_path(path)
+    if split_path(module)[1] == SAVED:
+      continue  # a trainable copy is not a target of its own
     if leaf in KERNEL_LEAVES and module:
       found.setdefault(module, leaf)
     elif (leaf in weight_names and leaf not in KERNEL_LEAVES

@@ -9,6 +9,13 @@ A PEFT LoRA directory holds ``adapter_config.json`` and
     base_model.model.model.embed_tokens.lora_embedding_A             (r, vocab)
     base_model.model.model.embed_tokens.lora_embedding_B             (dim, r)
 
+Saved modules and trained biases (``modules_to_save``, ``bias``; our
+``<module>/saved/<leaf>`` copies) are stored under the module's own keys::
+
+    base_model.model.lm_head.weight                                  (out, in)
+    base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias (out,)   # LoRA module
+    base_model.model.model.layers.0.self_attn.k_proj.bias            (out,)   # other module
+
 Our leaves are the transposes: ``lora_a (in, r) = lora_A.T`` and
 ``lora_b (r, out) = lora_B.T`` (for embeddings ``lora_a (vocab, r)`` and
 ``lora_b (r, dim)``), so ``lora_a @ lora_b`` is the Flax-layout delta kernel.
@@ -41,6 +48,7 @@ from safetensors.numpy import load_file, save_file
 from peft_jax import targeting
 from peft_jax.checkpoint import orbax as orbax_lib
 from peft_jax.checkpoint import untrusted as ut
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.tree import adapter_modules
 from peft_jax.lora.config import LoRAConfig
 
@@ -68,7 +76,7 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 # Config fields whose non-default values change the weights' meaning; importing
 # such an adapter would silently compute something else, so it is refused.
 _UNSUPPORTED_ON_IMPORT = (
-    "alora_invocation_tokens", "arrow_config", "layer_replication", "modules_to_save",
+    "alora_invocation_tokens", "arrow_config", "layer_replication",
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
     "lora_bias", "velora_config", "monteclora_config", "kasa_config")
 _REWRITING_INITS = ("pissa", "olora", "loftq")
@@ -157,7 +165,7 @@ def _group_by_module(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
   return dict(modules)
 
 
-def _unstack(module: str, leaves: Mapping[str, Any], path_map: PathMap
+def _unstack(module: str, leaves: Mapping[str, Any], path_map: PathMap, first: str = "lora_a"
              ) -> list[tuple[str, dict[str, np.ndarray]]]:
   """Per-layer ``(path, leaves)`` of one module (one entry unless scanned)."""
   arrays = {n: np.asarray(v) for n, v in leaves.items()}
@@ -165,7 +173,7 @@ def _unstack(module: str, leaves: Mapping[str, Any], path_map: PathMap
   if prefix is None or not (module == prefix or module.startswith(prefix + "/")):
     return [(module, arrays)]
   rest = module[len(prefix):]
-  num_layers = arrays["lora_a"].shape[0]
+  num_layers = arrays[first].shape[0]
   return [(f"{prefix}_{i}{rest}", {n: v[i] for n, v in arrays.items()}) for i in range(num_layers)]
 
 
@@ -181,6 +189,42 @@ def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequ
     # Suffix matching is the same rule in both libraries.
     return sorted({p.rsplit("/", 1)[-1] for p in our_paths})
   return "|".join(re.escape(n) for n in sorted(hf_names))
+
+
+def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: PathMap,
+                   adapted: set[str], tensors: dict[str, np.ndarray]) -> list[str] | None:
+  """Writes the saved copies under PEFT's keys; returns ``modules_to_save`` for the config.
+
+  A saved module's params go to ``<name>.weight`` / ``<name>.bias`` (PEFT's
+  ``ModulesToSaveWrapper`` state); a trained bias to ``<name>.bias``, or
+  ``<name>.base_layer.bias`` when the module holds LoRA adapters.
+  """
+  flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
+  problems = saved_lib.config_misfits(flat, config)
+  if problems:
+    raise ValueError("The saved copies do not match the config: " + "; ".join(problems))
+  names = set()
+  for path, value in sorted(flat.items()):
+    if not saved_lib.is_saved_path(path):
+      continue
+    module, leaf = targeting.split_path(saved_lib.base_path(path))
+    whole = any(targeting.name_matches(n, module) for n in config.modules_to_save or ())
+    for layer_path, array in _unstack(module, {leaf: value}, path_map, leaf):
+      hf_name = path_map.to_hf(layer_path)
+      array = array[leaf]
+      if leaf == "kernel" and array.ndim == 2:
+        suffix, array = ".weight", array.T
+      elif leaf == "embedding" and array.ndim == 2:
+        suffix = ".weight"
+      elif leaf == "bias" and array.ndim == 1:
+        suffix = ".base_layer.bias" if not whole and layer_path in adapted else ".bias"
+      else:
+        raise ValueError(f"The saved copy {path!r} of shape {array.shape} has no PEFT name: "
+                         "only 2-D kernels/embeddings and 1-D biases export.")
+      tensors[KEY_PREFIX + hf_name + suffix] = np.ascontiguousarray(array)
+      if whole:
+        names.add(hf_name.rsplit(".", 1)[-1])
+  return sorted(names) or None
 
 
 def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRAConfig,
@@ -247,8 +291,10 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
         alpha_pattern[hf_name] = _alpha_value(alpha)
       our_paths.append(path)
       hf_names.append(hf_name)
+  saved_names = _export_copies(adapters, config, path_map, set(our_paths), tensors)
   hf_config = dict(_PEFT_CONFIG_DEFAULTS)
   hf_config.update(
+      modules_to_save=saved_names, bias=config.bias,
       r=config.rank, lora_alpha=_alpha_value(config.alpha), lora_dropout=float(config.dropout),
       use_rslora=config.use_rslora, use_dora=config.use_dora,
       init_lora_weights=True if config.init == "default" else config.init,
@@ -318,7 +364,7 @@ def _read_weights(weights_path: str) -> dict[str, np.ndarray]:
     if not np.issubdtype(value.dtype, np.floating) and value.dtype.name != "bfloat16":
       raise ut.malformed(weights_path, key, value.dtype.name, "LoRA weights must be floats")
     if not key.endswith(".base_layer.weight"):
-      want = 1 if key.endswith(".lora_magnitude_vector") else 2
+      want = 1 if key.endswith((".lora_magnitude_vector", ".bias")) else 2
       if value.ndim != want:
         raise ut.malformed(weights_path, key, value.shape, f"expected a {want}-D tensor")
   return tensors
@@ -331,6 +377,57 @@ def _parse_key(key: str) -> tuple[str, str | None, str] | None:
     if key.endswith(suffix):
       return key[len(KEY_PREFIX): -len(suffix)], kind, leaf
   return None
+
+
+def _is_saved_module(hf_name: str, saved_names: Sequence[str]) -> bool:
+  """PEFT's rule for ``modules_to_save``: the module name ends with an entry."""
+  return any(hf_name.endswith(n) for n in saved_names)  # plain string tests, no regex
+
+
+def _parse_copy(key: str, value: np.ndarray, bias: str, saved_names: Sequence[str],
+                path_map: PathMap) -> tuple[str, np.ndarray] | None:
+  """A saved module's or trained bias's tensor -> ``(our copy path, array)``, else None."""
+  body = key[len(KEY_PREFIX):]
+  if body.endswith(".base_layer.bias") and bias != "none":
+    return saved_lib.copy_path(path_map.from_hf(body[: -len(".base_layer.bias")]) + "/bias"), value
+  hf_name, _, leaf = body.rpartition(".")
+  if leaf not in ("weight", "bias") or not hf_name:
+    return None
+  path = path_map.from_hf(hf_name)
+  if _is_saved_module(hf_name, saved_names):
+    if leaf == "bias":
+      return saved_lib.copy_path(path + "/bias"), value
+    if path.rsplit("/", 1)[-1] in path_map.embedding_names:
+      return saved_lib.copy_path(path + "/embedding"), value
+    return saved_lib.copy_path(path + "/kernel"), value.T
+  if leaf == "bias" and bias != "none":
+    return saved_lib.copy_path(path + "/bias"), value
+  return None
+
+
+def _check_copies(copies: Mapping[str, Mapping[str, np.ndarray]], key_of: Mapping[str, str],
+                  base_params: Mapping[str, Any], weights_path: str) -> None:
+  """Each saved tensor must have a base param of its shape (errors name the file and key)."""
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0])
+  for module, leaves in sorted(copies.items()):
+    for leaf, value in sorted(leaves.items()):
+      path = f"{module}/{leaf}"
+      original = base_flat.get(saved_lib.base_path(path))
+      if original is None or tuple(original.shape) != tuple(value.shape):
+        found = "no such param" if original is None else f"shape {tuple(original.shape)}"
+        raise ut.malformed(weights_path, key_of[path], tuple(value.shape),
+                           f"the base param {saved_lib.base_path(path)!r} has {found}")
+
+
+def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
+                   path_map: PathMap) -> tuple[str, ...] | None:
+  """Our ``modules_to_save``: the last names of the modules copied whole."""
+  names = set()
+  for module in copies:
+    owner = targeting.split_path(module)[0]
+    if _is_saved_module(path_map.to_hf(owner), saved_names):
+      names.add(owner.rsplit("/", 1)[-1])
+  return tuple(sorted(names)) or None
 
 
 def _stack_layers(per_layer: Mapping[str, dict[str, np.ndarray]], prefix: str,
@@ -390,8 +487,9 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   Raises:
     FileNotFoundError: the files are missing (``.bin`` pickles are not read).
     ValueError: a non-LoRA PEFT type, features that change the computation
-      and that this library does not implement (``modules_to_save``, LoRA
-      biases, ...), keys that are not LoRA weights, unstackable layers, a
+      and that this library does not implement (``lora_bias``, ...), saved
+      tensors the config does not announce or whose shape does not fit
+      ``base_params`` (naming the file and key), keys that are not LoRA weights, unstackable layers, a
       malformed file (naming the file, field and value), or adapters that do
       not fit ``base_params``.
   """
@@ -409,8 +507,12 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     raise ValueError(f"peft_type {hf_config.get('peft_type')!r} is not LORA.")
   unsupported = {k: hf_config[k] for k in _UNSUPPORTED_ON_IMPORT
                  if hf_config.get(k) not in (None, False, [], {}, _PEFT_CONFIG_DEFAULTS.get(k))}
-  if hf_config.get("bias", "none") != "none":
-    unsupported["bias"] = hf_config["bias"]
+  bias = hf_config.get("bias", "none")
+  if bias not in ("none", "lora_only", "all"):
+    raise ut.malformed(config_path, "bias", bias, "expected 'none', 'lora_only' or 'all'")
+  saved_names = hf_config.get("modules_to_save") or []
+  if not (isinstance(saved_names, list) and all(isinstance(n, str) and n for n in saved_names)):
+    raise ut.malformed(config_path, "modules_to_save", saved_names, "expected a list of names")
   if unsupported:
     raise ValueError(f"This adapter uses PEFT features peft_jax does not implement: {unsupported}.")
   init = hf_config.get("init_lora_weights", True)
@@ -423,8 +525,17 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   per_layer: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   unknown, skipped = [], []
   hf_name_of: dict[str, str] = {}
+  copies: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
+  key_of: dict[str, str] = {}
   for key, value in _read_weights(weights_path).items():
     parsed = _parse_key(key)
+    copy = None if parsed else _parse_copy(key, value, bias, saved_names, path_map)
+    if copy is not None:
+      copy_path, array = copy
+      module, leaf = targeting.split_path(copy_path)
+      copies[module][leaf] = array
+      key_of[copy_path] = key
+      continue
     if parsed is None:
       (skipped if key.endswith(".base_layer.weight") else unknown).append(key)
       continue
@@ -447,11 +558,24 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     ranks[path] = int(leaves["lora_a"].shape[-1])
     alphas[path] = float(_hf_pattern_value(hf_config.get("alpha_pattern"), hf_name_of[path],
                                            default_alpha))
+  if bias != "none" and not any(p.endswith("/bias") for p in key_of):
+    warnings.warn(f"{config_path}: bias={bias!r} but the file holds no bias tensor (PEFT "
+                  "saves none for a model without biases): imported as bias='none'.",
+                  stacklevel=2)
+    bias = "none"
+  for name in saved_names:
+    if not any(_is_saved_module(path_map.to_hf(targeting.split_path(m)[0]), (name,))
+               for m in copies):
+      raise ut.malformed(config_path, "modules_to_save", saved_names,
+                         f"{weights_path} holds no tensor of a module named {name!r}")
+  if base_params is not None and not scanned:
+    _check_copies(copies, key_of, base_params, weights_path)
   modules = dict(per_layer)
   if scanned:
     if path_map.scanned_prefix is None:
       raise ValueError("scanned=True needs a path map with scanned_prefix.")
     modules = _stack_layers(modules, path_map.scanned_prefix, num_layers)
+    copies = _stack_layers(copies, path_map.scanned_prefix, num_layers)
     layer = re.compile(rf"{re.escape(path_map.scanned_prefix)}_\d+(/.*)")
     for table in (ranks, alphas):
       for path in list(table):
@@ -462,7 +586,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
           raise ValueError(f"Cannot stack {stacked!r}: layers have different ranks or alphas.")
 
   flat = {}
-  for path, leaves in modules.items():
+  for path, leaves in list(modules.items()) + list(copies.items()):
     for name, value in leaves.items():
       array = jnp.asarray(np.ascontiguousarray(value))
       flat[f"{path}/{name}"] = array if dtype is None else array.astype(dtype)
@@ -479,7 +603,12 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       use_dora=bool(hf_config.get("use_dora", False)),
       rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
       alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
-                     if a != default_alpha})
+                     if a != default_alpha},
+      modules_to_save=_saved_modules(copies, saved_names, path_map), bias=bias)
+  problems = saved_lib.config_misfits(flat, config)
+  if problems:
+    raise ut.FileFormatError(f"{weights_path}: the saved tensors do not match "
+                             f"{config_path}: " + "; ".join(problems))
   adapters = targeting.unflatten(flat)
   if base_params is not None:
     try:

@@ -38,6 +38,7 @@ from peft_jax.checkpoint import untrusted as ut
 from peft_jax.lora import fit
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.tree import adapter_modules, is_adapter_path
 
 # 2: the manifest lists every array with its CRC-32; quantized leaves by type tag.
@@ -67,9 +68,13 @@ def adapter_mismatches(adapters: Mapping[str, Any], base_params: Mapping[str, An
   adapter_flat = targeting.flatten(targeting.unwrap_params(adapters)[0])
   base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0])
   modules = targeting.adaptable_modules(targeting.unwrap_params(base_params)[0])
-  problems = []
+  copies = {p: v for p, v in adapter_flat.items() if saved_lib.is_saved_path(p)}
+  problems = saved_lib.misfits(copies, base_flat)
+  problems += [f"{p}: the base already holds this saved copy" for p in sorted(copies) if p in base_flat]
   by_module: dict[str, dict[str, Any]] = {}
   for path, leaf in adapter_flat.items():
+    if path in copies:
+      continue
     module, name = targeting.split_path(path)
     by_module.setdefault(module, {})[name] = leaf
   for module, leaves in sorted(by_module.items()):
@@ -297,6 +302,11 @@ def _read(path: str, kind: str, with_config: bool, shardings: Any = None):
   tree = leaves_lib.decode_tree(os.path.join(path, "manifest"), flat,
                                 manifest.get("quantized", {}))
   tree = jax.tree.map(jnp.asarray, tree)
+  if config is not None:
+    problems = saved_lib.config_misfits(targeting.flatten(tree), config)
+    if problems:
+      raise ut.FileFormatError(f"{file}: the saved copies do not match the config: "
+                               + "; ".join(problems))
   if manifest.get("wrapped"):
     tree = {"params": tree}
   return tree, config
@@ -350,6 +360,9 @@ def save(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRA
   if not isinstance(config, LoRAConfig):
     raise TypeError(f"config must be a LoRAConfig, got {type(config).__name__}.")
   tree, wrapped = _only_adapters(adapters)
+  problems = saved_lib.config_misfits(targeting.flatten(tree), config)
+  if problems:
+    raise ValueError("The saved copies do not match the config: " + "; ".join(problems))
   directory = os.path.abspath(os.fspath(directory))
   path = directory if step is None else os.path.join(directory, str(_step(step)))
   return _write(path, _composite_save_args(tree, config, "adapters", wrapped), overwrite,

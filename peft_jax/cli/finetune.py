@@ -155,6 +155,8 @@ class Hyperparameters:
     lisa_layers: LISA's active layers.
     lisa_interval: steps between LISA's layer draws.
     seed: seeds adapter init, dropout and layer draws.
+    modules_to_save: modules trained in full (LoRA-family methods).
+    bias: ``"none"``, ``"lora_only"`` or ``"all"`` biases train (LoRA-family methods).
   """
 
   method: str = "lora"
@@ -171,6 +173,8 @@ class Hyperparameters:
   lisa_layers: int = 2
   lisa_interval: int = 10
   seed: int = 0
+  modules_to_save: tuple[str, ...] | None = None
+  bias: str = "none"
 
   def validate(self) -> None:
     """Raises :class:`CliError` naming the first bad value (NaN and inf included)."""
@@ -195,6 +199,9 @@ class Hyperparameters:
       raise CliError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}.")
     if self.seed < 0:
       raise CliError(f"--seed must be >= 0, got {self.seed}.")
+    if (self.modules_to_save or self.bias != "none") and self.method not in SAVED_METHODS:
+      raise CliError(f"--modules-to-save and --bias need one of {', '.join(SAVED_METHODS)}; "
+                     f"{self.method} would ignore them.")
 
 
 def parse_targets(spec: str) -> Any:
@@ -232,9 +239,13 @@ def _copy(tree: Any) -> Any:
   return jax.tree.map(jnp.array, tree)
 
 
+SAVED_METHODS = ("lora", "rslora", "dora", "qlora", "loraplus")
+
+
 def _lora_config(hp: Hyperparameters, cls=pj.LoRAConfig, **extra) -> pj.LoRAConfig:
   return cls(rank=hp.rank, alpha=hp.alpha, target_modules=hp.targets, dropout=hp.dropout,
-             use_rslora=hp.method == "rslora", use_dora=hp.method == "dora", **extra)
+             use_rslora=hp.method == "rslora", use_dora=hp.method == "dora",
+             modules_to_save=hp.modules_to_save, bias=hp.bias, **extra)
 
 
 def _adapters(hp: Hyperparameters, model: LoadedModel, config, key) -> tuple[Any, Any]:
@@ -732,4 +743,14 @@ def hyperparameters_from_args(args) -> Hyperparameters:
       targets=parse_targets(args.targets), dropout=args.dropout, lr=lr, steps=args.steps,
       weight_decay=args.weight_decay, loraplus_ratio=args.loraplus_ratio,
       galore_rank=args.galore_rank, galore_update_gap=args.galore_update_gap,
-      lisa_layers=args.lisa_layers, lisa_interval=args.lisa_interval, seed=args.seed)
+      lisa_layers=args.lisa_layers, lisa_interval=args.lisa_interval, seed=args.seed,
+      modules_to_save=_saved_names(getattr(args, "modules_to_save", None)),
+      bias=getattr(args, "bias", "none"))
+
+
+def _saved_names(spec: str | None) -> tuple[str, ...] | None:
+  """``--modules-to-save lm_head,embed_tokens`` as a tuple of names."""
+  names = tuple(s.strip() for s in (spec or "").split(",") if s.strip())
+  if spec is not None and not names:
+    raise CliError(f"--modules-to-save {spec!r} names no module.")
+  return names or None

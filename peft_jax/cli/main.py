@@ -57,6 +57,10 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, batch:
   parser.add_argument("--targets", default="all-linear",
                       help="'all-linear', comma-separated module names, or a regex")
   parser.add_argument("--dropout", type=float, default=0.0)
+  parser.add_argument("--modules-to-save", default=None,
+                      help="comma-separated modules trained in full (PEFT's modules_to_save)")
+  parser.add_argument("--bias", choices=("none", "lora_only", "all"), default="none",
+                      help="which biases train (PEFT's bias option; default none)")
   parser.add_argument("--lr", type=float, default=None,
                       help="learning rate (default per method: 1e-3 adapters, 2e-4 LoRA+, "
                            "1e-4 GaLore, 5e-5 LISA and full)")

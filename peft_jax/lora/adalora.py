@@ -254,6 +254,9 @@ def adalora_transform(
   """
   if not isinstance(config, AdaLoRAConfig):
     raise TypeError(f"adalora_transform needs an AdaLoRAConfig, got {type(config).__name__}.")
+  if config.modules_to_save or config.bias != "none":
+    raise ValueError("AdaLoRA with modules_to_save or bias is not supported: its rank "
+                     "allocator and resize know only the LoRA factors.")
   transform_key, init_key = jax.random.split(key)
   before = set(targeting.flatten(targeting.unwrap_params(params)[0]))
   out = lora_transform(params, config, key=transform_key, layouts=layouts)

@@ -19,6 +19,7 @@ CONFIG_FORMAT_VERSION = 1
 MAX_ALPHA = 1e6
 
 _INITS = ("default", "gaussian", "pissa", "olora", "loftq")
+BIAS_OPTIONS = ("none", "lora_only", "all")
 _PISSA_NITER = re.compile(r"pissa_niter_(\d+)")
 
 
@@ -68,6 +69,13 @@ class LoRAConfig:
       params of custom modules: each such weight is its own target
       (``target_modules=("mlp/gating_einsum",)``) and its adapter leaves live
       in ``<weight>_lora`` beside it (see :mod:`peft_jax.targeting`).
+    modules_to_save: module names (exact or ``/``-suffix, as PEFT) trained in
+      full: each gets a trainable copy of its params in ``<module>/saved``
+      (the base kept), which the model uses instead (see
+      :mod:`peft_jax.lora.saved`).
+    bias: which biases train, as PEFT: ``"none"``, ``"lora_only"`` (biases of
+      adapted modules) or ``"all"``; each gets a trainable copy in
+      ``<module>/saved/bias``. A model without such biases is an error.
   """
 
   rank: int = 8
@@ -85,6 +93,8 @@ class LoRAConfig:
   adapter_dtype: str | None = None
   loftq_iter: int = 1
   weight_names: tuple[str, ...] = targeting.KERNEL_LEAVES
+  modules_to_save: tuple[str, ...] | None = None
+  bias: str = "none"
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -128,6 +138,12 @@ class LoRAConfig:
     for name in ("use_rslora", "use_dora", "magnitude_trainable"):
       set_(name, validation.boolean(getattr(self, name), name))
     validation.integer(self.loftq_iter, "loftq_iter", low=1)
+    if self.modules_to_save is not None:
+      saved = self.modules_to_save
+      saved = _check_targets((saved,) if isinstance(saved, str) else saved, "modules_to_save")
+      set_("modules_to_save", saved or None)
+    if self.bias not in BIAS_OPTIONS:
+      raise validation.InvalidValue(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}.")
 
   def rank_for(self, module_path: str) -> int:
     """The rank of the adapter at ``module_path`` (``rank_pattern`` first)."""
@@ -152,7 +168,8 @@ class LoRAConfig:
     for key, value in d.items():
       if isinstance(value, Mapping):
         d[key] = dict(value)
-    for key in ("target_modules", "exclude_modules", "layers_to_transform", "weight_names"):
+    for key in ("target_modules", "exclude_modules", "layers_to_transform", "weight_names",
+                "modules_to_save"):
       if isinstance(d[key], tuple):
         d[key] = list(d[key])
     d["format_version"] = CONFIG_FORMAT_VERSION

@@ -18,6 +18,11 @@ Any other module holding adapter leaves (a custom module whose param enters
 :mod:`peft_jax.lora.ops`: its adapted weights are replaced, for the call, by
 views that add the adapter term to every product they enter.
 
+A module holding trainable copies (``<module>/saved``, from
+``modules_to_save`` or ``bias``: :mod:`peft_jax.lora.saved`) runs with the
+copies in place of its params (``nn.Embed`` in ``__call__`` only: a tied
+head, ``Embed.attend``, keeps the original, as PEFT).
+
 Never silent: when an apply inside :func:`intercept` ends with an adapter
 leaf that added nothing (its module was never called, or no product used its
 weight), :func:`intercept` raises a ``ValueError`` naming those paths.
@@ -113,11 +118,11 @@ def _module_sites(params: Mapping[str, Any]) -> dict[str, tuple[str | None, Mapp
 
 
 def _sites_in_tree(params: Mapping[str, Any]) -> set[str]:
-  """Adapter sites (paths holding ``lora_a`` or ``lora_a_stack``) of a params tree."""
+  """Adapter sites (paths holding ``lora_a`` or ``lora_a_stack``, and ``saved`` copies)."""
   found = set()
   for path in targeting.flatten(params):
     site, leaf = targeting.split_path(path)
-    if leaf in _SITE_LEAVES:
+    if leaf in _SITE_LEAVES or targeting.split_path(site)[1] == targeting.SAVED:
       found.add(site)
   return found
 
@@ -142,6 +147,21 @@ def substituted(scope, values: Mapping[str, Any]) -> Iterator[None]:
       variables["params"] = old
     else:
       del variables["params"]
+
+
+def _embed_lookup(module: nn.Embed, copies: Mapping[str, Any], args, kwargs) -> jax.Array:
+  """``nn.Embed.__call__`` on the saved copy (Embed reads its table in ``setup``,
+  which ``attend`` shares: swapping the param there would change a tied head too)."""
+  if set(copies) != {"embedding"}:
+    raise ValueError(f"Saved copies {sorted(copies)} at {module_path(module)!r}: an nn.Embed "
+                     "has only 'embedding'.")
+  ids = args[0] if args else kwargs["inputs"]
+  if not jnp.issubdtype(ids.dtype, jnp.integer):
+    raise ValueError("Input type must be an integer or unsigned integer.")
+  table = copies["embedding"]
+  if module.dtype is not None:
+    table = table.astype(module.dtype)
+  return jnp.take(table, ids, axis=0)
 
 
 class _Interceptor:
@@ -177,6 +197,27 @@ class _Interceptor:
       return next_fun(*args, **kwargs)
     if scope.parent is None and not scope.path:
       self.present |= _sites_in_tree(module.variables.get("params", {}))
+    copies = self._copies(module, context.method_name)
+    if not copies:
+      return self._route(module, next_fun, args, kwargs, context)
+    # A saved module or bias (peft_jax.lora.saved): the copies stand in.
+    self.contributed.add(f"{module_path(module)}/{targeting.SAVED}")
+    if isinstance(module, nn.Embed):
+      return _embed_lookup(module, copies, args, kwargs)
+    with substituted(scope, copies):
+      return self._route(module, next_fun, args, kwargs, context)
+
+  @staticmethod
+  def _copies(module, method_name):
+    """The module's trainable copies; a tied head (``Embed.attend``) keeps the original."""
+    if isinstance(module, nn.Embed) and method_name != "__call__":
+      return {}
+    if not module.has_variable("params", targeting.SAVED):
+      return {}
+    copies = module.get_variable("params", targeting.SAVED)
+    return dict(copies) if isinstance(copies, Mapping) else {}
+
+  def _route(self, module, next_fun, args, kwargs, context):
     if isinstance(module, SUPPORTED):
       if context.method_name != "__call__":
         return next_fun(*args, **kwargs)

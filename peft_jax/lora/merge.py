@@ -9,6 +9,7 @@ import jax.numpy as jnp
 
 from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.transform import delta_kernel, kernel_value, weight_norm
 from peft_jax.lora.tree import adapter_paths
@@ -66,8 +67,9 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
   """Folds every adapter into its kernel: plain Flax params for serving.
 
   ``W' = W + s B A`` (LoRA, rsLoRA), ``W' = m / ||W + s B A|| * (W + s B A)``
-  (DoRA). The result has no adapter leaves and runs on the unmodified model
-  without the interceptor.
+  (DoRA). Saved copies (``modules_to_save``, ``bias``) replace the params
+  they copy. The result has no adapter leaves and runs on the unmodified
+  model without the interceptor.
 
   Args:
     params: params holding adapter leaves.
@@ -103,6 +105,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
     scale = config.scale_for(module, rank)
     dense = merged_kernel(kernel, lora_a, lora_b, magnitude, lora_e, scale, layout)
     flat[weight] = dense.astype(kernel.dtype)
+  saved_lib.merge_copies(flat)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 
@@ -122,6 +125,11 @@ def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRA
   modules = [p[: -len("/lora_a")] for p in adapter_flat if p.endswith("/lora_a")]
   if not modules:
     raise ValueError("The adapters tree holds no 'lora_a' leaf: nothing to unmerge.")
+  copies = sorted(p for p in adapter_flat if saved_lib.is_saved_path(p))
+  if copies:
+    raise ValueError(
+        f"merge replaced the params of saved modules and biases ({copies[:3]}...) by their "
+        "trained copies: the originals are not in the merged params. Keep the base params.")
   for module in modules:
     if f"{module}/lora_magnitude" in adapter_flat:
       raise ValueError(

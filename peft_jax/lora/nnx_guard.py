@@ -31,7 +31,10 @@ def idle_adapters(module) -> list[str]:
   """Adapter leaves ``module`` holds but its class would not run."""
   if any(PEFT_MARKER in vars(c) for c in type(module).__mro__):
     return []
-  return [n for n in targeting.ADAPTER_LEAVES if isinstance(getattr(module, n, None), nnx.Variable)]
+  held = [n for n in targeting.ADAPTER_LEAVES if isinstance(getattr(module, n, None), nnx.Variable)]
+  if isinstance(getattr(module, targeting.SAVED, None), nnx.Dict):
+    held.append(targeting.SAVED)  # trainable copies (peft_jax.lora.saved)
+  return held
 
 
 def _guarded(cls, original):

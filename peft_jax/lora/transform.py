@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from peft_jax import targeting
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora import loftq
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.layout import KernelLayout, default_layout, from_matrix, to_matrix
 
 Params = Mapping[str, Any]
@@ -141,7 +142,9 @@ def lora_transform(
   DoRA, ``lora_magnitude``) in the module's own dict, shaped after the
   kernel (see :mod:`peft_jax.lora.layout`); a weight named in
   ``config.weight_names`` gets them in ``<weight>_lora`` beside it. With the default init the adapted
-  model computes exactly what the base model does.
+  model computes exactly what the base model does. ``config.modules_to_save``
+  and ``config.bias`` add trainable copies in ``<module>/saved`` (see
+  :mod:`peft_jax.lora.saved`).
 
   Args:
     params: Flax params (``{'params': ...}`` or the inner dict). Kernels may be
@@ -218,6 +221,7 @@ def lora_transform(
       adapted = base + scale * delta_kernel(
           lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), layout)
       flat[f"{site}/lora_magnitude"] = weight_norm(adapted, layout).astype(dtype)
+  saved_lib.add_copies(flat, config)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
 

@@ -8,11 +8,14 @@ from typing import Any
 
 from peft_jax import targeting
 from peft_jax.lora import fit
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.config import LoRAConfig
 
 
 def is_adapter_path(path: str, config: LoRAConfig | None = None) -> bool:
-  """Whether a flattened leaf path names a trainable adapter leaf."""
+  """Whether a flattened leaf path names a trainable adapter leaf (or a saved copy)."""
+  if saved_lib.is_saved_path(path):
+    return True
   leaf = path.rsplit("/", 1)[-1]
   if leaf == "lora_magnitude" and config is not None and not config.magnitude_trainable:
     return False
@@ -65,7 +68,7 @@ def combine(base: Mapping[str, Any], adapters: Mapping[str, Any]) -> dict[str, A
     if path in flat:
       raise ValueError(f"Leaf {path!r} is in both trees; combine expects disjoint trees.")
     flat[path] = value
-  problems = fit.misfits(flat)
+  problems = fit.misfits(flat) + saved_lib.misfits(flat)
   if problems:
     raise ValueError(f"{len(problems)} adapter module(s) would do nothing on this base:\n  "
                      + "\n  ".join(problems))

@@ -29,6 +29,7 @@ import jax.numpy as jnp
 from flax import nnx
 from flax.linen import module as linen_module
 
+from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora import ops
 from peft_jax.lora import terms
@@ -68,7 +69,25 @@ def _peft_call(self, *args, **kwargs):
   ``lora_dropout`` is an ``nnx.Dropout`` when the config has adapter dropout
   (``model.train()`` / ``model.eval()`` switch it).
   """
-  return adapted_call(self, super(type(self), self).__call__, args, kwargs)
+  return with_copies(self, lambda: adapted_call(self, super(type(self), self).__call__, args, kwargs))
+
+
+def with_copies(module, call):
+  """``call()`` with the module's trainable copies (its ``saved`` dict, see
+  :mod:`peft_jax.lora.saved`) standing in for its params. Only ``__call__``
+  runs here: a tied head (``Embed.attend``) keeps the original, as in PEFT."""
+  copies = getattr(module, targeting.SAVED, None)
+  if not isinstance(copies, nnx.Dict):
+    return call()
+  names = [name for name, _ in copies.items()]
+  originals = {name: getattr(module, name).get_value() for name in names}
+  try:
+    for name in names:
+      getattr(module, name).set_value(copies[name].get_value())
+    return call()
+  finally:
+    for name, value in originals.items():
+      getattr(module, name).set_value(value)
 
 
 def _subclass(base: type, call) -> type:
@@ -252,7 +271,7 @@ def adapted_call(module, base_call, args, kwargs):
 # -- any other module: op-level adapters ------------------------------------------
 def _op_peft_call(self, *args, **kwargs):
   """A custom layer's ``__call__`` with adapter terms on every product of its weights."""
-  return op_call(self, super(type(self), self).__call__, args, kwargs)
+  return with_copies(self, lambda: op_call(self, super(type(self), self).__call__, args, kwargs))
 
 
 @functools.cache

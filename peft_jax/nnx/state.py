@@ -80,7 +80,8 @@ def params(tree) -> dict[str, Any]:
 def adapters(tree) -> dict[str, Any]:
   """Only the adapter leaves, as a linen-shaped nested dict (what checkpoints save)."""
   flat = {p: v for p, v in targeting.flatten(params(tree)).items()
-          if targeting.split_path(p)[1] in targeting.ADAPTER_LEAVES}
+          if targeting.split_path(p)[1] in targeting.ADAPTER_LEAVES
+          or targeting.split_path(targeting.split_path(p)[0])[1] == targeting.SAVED}
   if not flat:
     raise ValueError("This model holds no adapter leaves: call peft_jax.nnx.lora_transform "
                      "or peft_jax.nnx.load_adapters first.")

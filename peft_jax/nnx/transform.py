@@ -21,6 +21,7 @@ from peft_jax import targeting
 from peft_jax.checkpoint.orbax import check_adapters_fit
 from peft_jax.lora import adalora as adalora_lib
 from peft_jax.lora import layout as layout_lib
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora import transform as transform_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.merge import merge as linen_merge
@@ -93,15 +94,22 @@ def _traced_layouts(model, mods, weight_names, args, kwargs):
   return out
 
 
+def _is_dict_site(module_path: str) -> bool:
+  """A dict of leaves inside a module: ``m/w_lora`` (a weight's adapters), ``m/saved`` (copies)."""
+  return (module_path.endswith(targeting.SITE_SUFFIX)
+          or targeting.split_path(module_path)[1] == targeting.SAVED)
+
+
 def _owner(module_path: str) -> str:
   """The module that runs an adapter site or weight: ``m/w_lora`` -> ``m``."""
-  if module_path.endswith(targeting.SITE_SUFFIX):
+  if _is_dict_site(module_path):
     return targeting.split_path(module_path)[0]
   return module_path
 
 
 def _adapter_holders(flat: Mapping[str, Any]) -> set[str]:
-  return {_owner(targeting.split_path(p)[0]) for p in flat if p.endswith("/lora_a")}
+  return {_owner(targeting.split_path(p)[0]) for p in flat
+          if p.endswith("/lora_a") or saved_lib.is_saved_path(p)}
 
 
 def _check_supported(mods, holders: set[str], quantized: set[str]) -> None:
@@ -118,7 +126,7 @@ def _check_supported(mods, holders: set[str], quantized: set[str]) -> None:
 
 def _site(mods, module_path: str, create: bool):
   """The module or ``<weight>_lora`` dict holding the leaves of ``module_path``."""
-  if module_path in mods or not module_path.endswith(targeting.SITE_SUFFIX):
+  if module_path in mods or not _is_dict_site(module_path):
     return mods.get(module_path)
   parent, name = targeting.split_path(module_path)
   owner = mods.get(parent)
@@ -160,7 +168,7 @@ def _reclass(module, path: str, config: LoRAConfig | None, adapted: bool, quanti
           delattr(module, name)
     return
   builtin = isinstance(module, modules_lib.BUILTINS) and not any(
-      isinstance(getattr(module, n, None), nnx.Dict) for n in vars(module))
+      isinstance(getattr(module, n, None), nnx.Dict) for n in vars(module) if n != targeting.SAVED)
   module.__class__ = (modules_lib.peft_class if builtin else modules_lib.op_class)(cls)
   module.lora_path = path
   module.lora_config = config if adapted else None
@@ -186,7 +194,7 @@ def sync(model: nnx.Module, params: Mapping[str, Any], config: LoRAConfig | None
   mods = state_lib.modules(model)
   for path in sorted(set(new) ^ set(old)):
     module_path, name = targeting.split_path(path)
-    if name not in targeting.ADAPTER_LEAVES:
+    if name not in targeting.ADAPTER_LEAVES and not saved_lib.is_saved_path(path):
       what = "added to" if path in new else "missing from"
       raise ValueError(f"The base leaf {path!r} would be {what} the NNX model; only adapter "
                        "leaves can be added or removed.")
@@ -271,7 +279,11 @@ def _state_with(state: nnx.State, params: Mapping[str, Any], config: LoRAConfig)
   for path, value in new.items():
     module, name = targeting.split_path(path)
     kind = Adapter if is_adapter_path(path, config) else nnx.Param
-    flat.append((module_paths[module] + (name,), kind(value)))
+    if module not in module_paths and _is_dict_site(module):  # a new `m/saved` or `m/w_lora` dict
+      owner, site = targeting.split_path(module)
+      flat.append((module_paths[owner] + (site, name), kind(value)))
+    else:
+      flat.append((module_paths[module] + (name,), kind(value)))
   return nnx.from_flat_state(flat)
 
 
@@ -358,7 +370,7 @@ def check(model: nnx.Module) -> None:
     if held:
       idle.append(f"{path or '<root>'} ({type(module).__name__}: {held})")
     parent = mods.get(targeting.split_path(path)[0])
-    if (isinstance(module, nnx.Dict) and path.endswith(targeting.SITE_SUFFIX)
+    if (isinstance(module, nnx.Dict) and _is_dict_site(path)
         and not modules_lib.is_peft_module(parent)):
       idle.append(f"{path} ({type(parent).__name__}: {sorted(module.keys())})")
   if idle:

@@ -1,0 +1,199 @@
+"""Trainable copies of whole modules and of biases (PEFT's ``modules_to_save`` and ``bias``).
+
+A module named in ``LoRAConfig.modules_to_save`` (``lm_head``,
+``embed_tokens``) gets a trainable copy of each of its params in a dict
+``saved`` inside it: ``lm_head/saved/kernel`` beside ``lm_head/kernel``, as
+PEFT's ``ModulesToSaveWrapper`` keeps ``original_module`` and a trained copy.
+``bias="all"`` copies every ``bias`` leaf, ``bias="lora_only"`` the biases of
+adapted modules, into ``<module>/saved/bias`` (PEFT trains the base bias in
+place; a copy keeps the base intact and computes the same).
+
+The copies are adapter leaves: :func:`peft_jax.split` puts them with the
+adapters, Orbax checkpoints and :func:`peft_jax.export_peft` save them, and
+inside :func:`peft_jax.intercept` a module holding ``saved`` runs with the
+copies in place of its params (``Embed.__call__`` only: a tied head,
+``Embed.attend``, keeps the original embedding, as PEFT without
+``ensure_weight_tying``). :func:`peft_jax.merge` replaces the base params by
+the copies.
+"""
+
+from __future__ import annotations
+
+import difflib
+import warnings
+from collections.abc import Mapping
+from typing import Any
+
+import jax.numpy as jnp
+
+from peft_jax import targeting
+
+SAVED = targeting.SAVED
+
+
+def is_saved_path(path: str) -> bool:
+  """Whether a flat leaf path is a trainable copy (``.../saved/<leaf>``)."""
+  return targeting.split_path(targeting.split_path(path)[0])[1] == SAVED
+
+
+def base_path(path: str) -> str:
+  """The base leaf a copy stands for: ``lm_head/saved/kernel`` -> ``lm_head/kernel``."""
+  module, leaf = targeting.split_path(path)
+  owner = targeting.split_path(module)[0]
+  return f"{owner}/{leaf}" if owner else leaf
+
+
+def copy_path(path: str) -> str:
+  """Inverse of :func:`base_path`."""
+  module, leaf = targeting.split_path(path)
+  return f"{module}/{SAVED}/{leaf}" if module else f"{SAVED}/{leaf}"
+
+
+def _module_leaves(flat: Mapping[str, Any]) -> dict[str, list[str]]:
+  """``{module: [leaf paths]}`` of the plain (non-adapter, non-copy) array leaves."""
+  modules: dict[str, list[str]] = {}
+  for path, value in flat.items():
+    module, leaf = targeting.split_path(path)
+    if (not hasattr(value, "shape") or leaf in targeting.ADAPTER_LEAVES or is_saved_path(path)
+        or module.endswith(targeting.SITE_SUFFIX)):
+      continue
+    modules.setdefault(module, []).append(path)
+  return modules
+
+
+def _saved_modules(flat: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
+  modules = _module_leaves(flat)
+  chosen = []
+  for name in names:
+    hits = [m for m in modules if m and targeting.name_matches(name, m)]
+    if not hits:
+      close = difflib.get_close_matches(name, sorted(modules), n=5, cutoff=0.3)
+      raise ValueError(
+          f"modules_to_save entry {name!r} matched no module holding params (closest: {close}). "
+          "A tied output head (tie_word_embeddings) has no params of its own: it is the "
+          "embedding's attend; save the embedding or untie the head.")
+    chosen += [m for m in hits if m not in chosen]
+  return chosen
+
+
+def _adapted_modules(flat: Mapping[str, Any]) -> set[str]:
+  """Modules holding adapters (``q_proj/lora_a``, or a weight's site ``mlp/w_lora/lora_a``)."""
+  found = set()
+  for path in flat:
+    site, leaf = targeting.split_path(path)
+    if leaf == "lora_a":
+      found.add(targeting.split_path(site)[0] if site.endswith(targeting.SITE_SUFFIX) else site)
+  return found
+
+
+def _bias_paths(flat: Mapping[str, Any], bias: str) -> list[str]:
+  paths = [p for p in flat if targeting.split_path(p)[1] == "bias" and not is_saved_path(p)]
+  if bias == "lora_only":
+    adapted = _adapted_modules(flat)
+    paths = [p for p in paths if targeting.split_path(p)[0] in adapted]
+  if not paths:
+    which = "adapted module" if bias == "lora_only" else "module"
+    raise ValueError(
+        f"bias={bias!r}: no {which} of these params has a 'bias' leaf, so no bias would "
+        "train. Use bias='none' for a model without biases.")
+  return paths
+
+
+def add_copies(flat: dict[str, Any], config) -> list[str]:
+  """Adds the trainable copies ``config`` asks for to ``flat`` (after the adapters).
+
+  Returns:
+    The modules whose params were copied whole.
+
+  Raises:
+    ValueError: a ``modules_to_save`` name that matches no module, a module
+      both adapted and saved, or a ``bias`` option with no bias to train.
+  """
+  saved = _saved_modules(flat, config.modules_to_save or ())
+  modules = _module_leaves(flat)
+  copies = []
+  adapted = _adapted_modules(flat)
+  for module in saved:
+    if module in adapted:
+      raise ValueError(f"Module {module!r} is both a LoRA target and in modules_to_save: "
+                       "a saved module is trained whole, so leave it out of target_modules.")
+    copies += modules[module]
+  if config.bias != "none":
+    copies += [p for p in _bias_paths(flat, config.bias) if p not in copies]
+  for path in copies:
+    if copy_path(path) in flat:
+      raise ValueError(f"{copy_path(path)!r} exists already: merge or split the copies off first.")
+    value = flat[path]
+    # A quantized base weight trains as a dense copy in its compute dtype.
+    value = value.dequantize() if hasattr(value, "dequantize") else value
+    flat[copy_path(path)] = jnp.array(value, copy=True)
+  embeddings = [m for m in saved if f"{m}/embedding" in flat]
+  if embeddings and _tied(flat):
+    warnings.warn(
+        f"modules_to_save copies the embedding {embeddings} of a model without an output head "
+        "of its own (tied embeddings): the trained copy acts on the input lookup only; the tied "
+        "head (Embed.attend) keeps the original weights, as PEFT does without "
+        "ensure_weight_tying. peft_jax.merge refuses it (it would change the head too).",
+        stacklevel=3)
+  return saved
+
+
+def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None) -> list[str]:
+  """One line per copy without a base leaf of its shape (``base_flat`` default: ``flat``)."""
+  base_flat = flat if base_flat is None else base_flat
+  problems = []
+  for path, value in sorted(flat.items()):
+    if not is_saved_path(path):
+      continue
+    original = base_flat.get(base_path(path))
+    if original is None:
+      problems.append(f"{path}: a saved copy, but the base has no {base_path(path)!r}")
+    elif tuple(getattr(original, "shape", ())) != tuple(getattr(value, "shape", ())):
+      problems.append(f"{path}: shape {tuple(value.shape)} but the base "
+                      f"{base_path(path)!r} is {tuple(original.shape)}")
+  return problems
+
+
+def _tied(flat: Mapping[str, Any]) -> bool:
+  """Whether the params have no output head of their own (the embedding is the head)."""
+  return not any(targeting.split_path(m)[1] in targeting.OUTPUT_HEAD_NAMES
+                 for m in _module_leaves(flat))
+
+
+def merge_copies(flat: dict[str, Any]) -> None:
+  """Replaces each base leaf by its copy and drops the ``saved`` dicts, in place.
+
+  Raises:
+    ValueError: the copy of an embedding that is also the output head (tied):
+      the unmerged model ran the head on the original, so merging would
+      change the outputs.
+  """
+  tied = [p for p in flat if is_saved_path(p) and p.endswith("/embedding")]
+  if tied and _tied(flat):
+    raise ValueError(
+        f"Cannot merge the saved copy {tied[0]!r} of a tied embedding: the adapted model runs "
+        "the input lookup on the copy but the tied head (Embed.attend) on the original, which "
+        "one embedding cannot hold. Serve it unmerged, or untie the head first.")
+  for path in [p for p in flat if is_saved_path(p)]:
+    value = flat.pop(path)
+    original = flat.get(base_path(path))
+    flat[base_path(path)] = value if original is None else value.astype(original.dtype)
+
+
+def config_misfits(flat: Mapping[str, Any], config) -> list[str]:
+  """Where the copies in ``flat`` and ``config``'s ``modules_to_save``/``bias`` disagree."""
+  copies = sorted({targeting.split_path(targeting.split_path(p)[0])[0]
+                   for p in flat if is_saved_path(p)})
+  biases = [p for p in flat if is_saved_path(p) and p.endswith("/bias")]
+  names = config.modules_to_save or ()
+  problems = [f"modules_to_save entry {n!r}: no saved copy of such a module"
+              for n in names if not any(targeting.name_matches(n, m) for m in copies)]
+  if config.bias != "none" and not biases:
+    problems.append(f"bias={config.bias!r}: no saved bias copy")
+  for module in copies:
+    whole = any(targeting.name_matches(n, module) for n in names)
+    only_bias = all(p.endswith("/bias") for p in flat
+                    if is_saved_path(p) and p.startswith(f"{module}/{SAVED}/"))
+    if not whole and not (only_bias and config.bias != "none"):
+      problems.append(f"{module}/{SAVED}: copies that neither modules_to_save nor bias ask for")
+  return problems
