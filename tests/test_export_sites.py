@@ -30,7 +30,7 @@ def _adapted(use_dora):
   return lmodel, base, adapters, config, x, y
 
 
-@pytest.mark.parametrize("use_dora", [False, True])
+@pytest.mark.parametrize("use_dora", [pytest.param(False, marks=pytest.mark.slow), True])
 def test_weight_sites_round_trip_through_peft_files(tmp_path, use_dora):
   lmodel, base, adapters, config, x, y = _adapted(use_dora)
   hf_config = pj.export_peft(tmp_path / "hf", adapters, config)
