@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import functools
 import math
+import os
 import pathlib
 import sys
 
@@ -229,8 +230,10 @@ def main(argv=None):
   flops = {"linen": C.flops(linen_step.lower(lin["adapters"], lin["opt"], base, ids).compile()),
            "nnx_functional": C.flops(functional_step.lower(fun["trainable"], frozen, ids).compile())}
   names = ("linen", "nnx_jit", "nnx_cached_partial", "nnx_functional")
+  load_before = os.getloadavg()
   timings = C.time_interleaved(dict(zip(names, (run_linen, run_nnx, run_cached, run_functional))),
                                reps=reps)
+  load_after = os.getloadavg()
   result = {
       "machine": C.machine_info(),
       "settings": {"config": repr(cfg), "batch": batch, "seq": seq, "reps": reps,
@@ -238,14 +241,19 @@ def main(argv=None):
       "timings": timings,
       "ratios": {name: C.ratio(timings, name, "linen") for name in names[1:]},
       "flops": flops,
+      "load_average_before_after": [list(load_before), list(load_after)],
       "goal": {"nnx_over_linen": 1.05},
   }
-  rows = [[name, C.ms(timings[name]["median_s"]),
+  rows = [[name, f"{C.ms(timings[name]['median_s'])} ({C.ms(timings[name]['min_s'])}-"
+           f"{C.ms(timings[name]['max_s'])})",
            "1.00" if name == "linen" else f"{result['ratios'][name]['ratio']:.3f} "
            f"({result['ratios'][name]['paired_min']:.2f}-{result['ratios'][name]['paired_max']:.2f})"]
           for name in names]
-  table = C.markdown_table(["step", "median", "over linen (per-rep spread)"], rows)
-  text = (f"# NNX vs linen LoRA train step\n\n{C.machine_line(result['machine'])}\n\n{table}\n\n"
+  table = C.markdown_table(["step", "median (min-max)", "over linen (per-rep spread)"], rows)
+  text = (f"# NNX vs linen LoRA train step\n\n{C.machine_line(result['machine'])}\n\n"
+          f"Load average (1 min) before / after the timed reps: {load_before[0]:.2f} / "
+          f"{load_after[0]:.2f} ({os.cpu_count()} cores; above ~0.75 per core the times are noise).\n\n"
+          f"{table}\n\n"
           f"Compiled step FLOPs: linen {flops['linen']:.4g}, NNX {flops['nnx_functional']:.4g}.\n")
   print(text)
   out = args.out or (None if args.quick else C.RESULTS / "nnx")

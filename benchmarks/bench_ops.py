@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import pathlib
 import sys
 
@@ -41,13 +42,17 @@ class EinsumDense(nn.Module):
   features: int
   dtype: jnp.dtype | None = None
   param_dtype: jnp.dtype = jnp.float32
+  use_bias: bool = False
 
   @nn.compact
   def __call__(self, x):
     w = self.param("w", nn.initializers.normal(0.02), (x.shape[-1], self.features),
                    self.param_dtype)
     dtype = self.dtype or x.dtype
-    return jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype))
+    y = jnp.einsum("...d,df->...f", x.astype(dtype), w.astype(dtype))
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), self.param_dtype).astype(dtype)
+    return y
 
 
 @contextlib.contextmanager
@@ -55,8 +60,8 @@ def custom_projections():
   """The reference Llama builds its projections with EinsumDense meanwhile."""
   original = llama._dense  # pylint: disable=protected-access
 
-  def dense(config, features, name):
-    return EinsumDense(features, config.dtype, config.param_dtype, name=name)
+  def dense(config, features, name, use_bias=False):
+    return EinsumDense(features, config.dtype, config.param_dtype, use_bias, name=name)
 
   llama._dense = dense  # pylint: disable=protected-access
   try:
@@ -115,20 +120,27 @@ def main(argv=None):
   compiled_stats = {n: {"flops": C.flops(steps[n][0]),
                         "step_bytes": (C.memory_analysis(steps[n][0]) or {}).get("step_bytes")}
                     for n in steps}
+  load_before = os.getloadavg()
   timings = C.time_interleaved({n: runner(n) for n in steps}, reps=reps)
+  load_after = os.getloadavg()
   result = {"machine": C.machine_info(), "model": "tiny" if args.quick else "bench",
             "batch": batch, "seq": seq, "reps": reps, "timings": timings,
             "first_loss": losses, "compiled": compiled_stats,
+            "load_average_before_after": [list(load_before), list(load_after)],
             "custom_over_builtin": C.ratio(timings, "custom_einsum", "builtin"), "goal": GOAL}
   r = result["custom_over_builtin"]
   table = C.markdown_table(
-      ["figure", "ratio (median)", "per-rep spread", "goal"],
+      ["figure", "median", "spread (per-rep ratios; min - max times)", "goal"],
       [["LoRA step, custom einsum Llama / built-in Llama", f"{r['ratio']:.3f}",
         f"{r['paired_min']:.3f} - {r['paired_max']:.3f}", f"<= {GOAL}"],
+       *[[f"step time, {n}", C.ms(timings[n]["median_s"]),
+         f"{C.ms(timings[n]['min_s'])} - {C.ms(timings[n]['max_s'])}", ""] for n in steps],
        ["compiled FLOPs, custom / built-in", f"{_over(compiled_stats, 'flops'):.4f}", "exact", ""],
        ["step memory (memory_analysis), custom / built-in",
         f"{_over(compiled_stats, 'step_bytes'):.4f}", "exact", ""]])
   text = (f"# Op-level adapters: custom-module Llama vs built-in\n\n{C.machine_line(result['machine'])}\n\n"
+          f"Load average (1 min) before / after the timed reps: {load_before[0]:.2f} / "
+          f"{load_after[0]:.2f} ({os.cpu_count()} cores; above ~0.75 per core the times are noise).\n\n"
           f"{table}\n\nFirst-step losses (same weights): {losses}\n")
   print(text)
   out = args.out or (None if args.quick else C.RESULTS)

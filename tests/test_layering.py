@@ -26,7 +26,7 @@ ALLOWED = {
     "merging": _BOTTOM | {"quant", "lora"},
     "multitask": _BOTTOM | {"quant", "lora", "checkpoint"},
     "training": _BOTTOM | {"quant", "lora", "models", "sharding"},
-    "nnx": _BOTTOM | {"quant", "lora", "qlora", "checkpoint"},
+    "nnx": _BOTTOM | {"quant", "lora", "qlora", "checkpoint", "multitask"},
     "cli": None,  # the top: may import anything
     "__init__": None,
 }

@@ -8,6 +8,7 @@ import pytest
 
 import peft_jax as pj
 from peft_jax import multitask, targeting
+from peft_jax.lora import ops
 
 TOL = dict(rtol=1e-6, atol=1e-6)
 PRODUCTS = ("einsum", "matmul", "dot", "dot_general")
@@ -446,3 +447,17 @@ def test_transposed_weight_layout_found_by_tracing_and_merged():
   merged = pj.merge(params, config, layouts=layouts)
   np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-5, atol=1e-6)
   assert float(jnp.abs(adapted - model.apply(pj.split(params)[1], x)).max()) > 1e-3
+
+
+def test_constants_lifted_inside_an_adapted_call():
+  """``jnp.asarray(2.0)`` inside the views' trace: jax >= 0.11 lifts it with ``lax.stage``,
+  which the op trace passes to its parent (without that: NotImplementedError)."""
+  w, a, b = jnp.ones((4, 3)), jnp.ones((4, 2)), jnp.ones((2, 3))
+
+  def fn(views):
+    x = jnp.ones((5, 4)) * jnp.asarray(2.0)
+    return x @ views["w"] + jnp.asarray(np.float32(1.0))
+
+  out, report = ops.run(fn, {"w": ops.WeightSpec(w, ops.AdapterSpec(a, b, 0.5))})
+  np.testing.assert_allclose(out, jnp.full((5, 3), 8.0 + 0.5 * 16.0 + 1.0))
+  assert report.contributed == {"w"}

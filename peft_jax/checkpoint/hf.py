@@ -158,7 +158,17 @@ def hf_path_map(scanned_prefix: str | None = "model/layers") -> PathMap:
 
 
 # -- export -----------------------------------------------------------------------
+_EXPORTED = ("lora_a", "lora_b", "lora_magnitude", "lora_e")  # lora_e: refused with its own reason
+
+
 def _group_by_module(adapters: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+  unnamed = sorted(p for p in targeting.flatten(targeting.unwrap_params(adapters)[0])
+                   if targeting.split_path(p)[1].startswith("lora_")
+                   and targeting.split_path(p)[1] not in _EXPORTED)
+  if unnamed:
+    raise ValueError(
+        f"These adapter leaves have no Hugging Face PEFT name: {unnamed}. Stacked adapters "
+        "of mixed batches: export each task's adapters alone (multitask.TaskAdapter).")
   modules = adapter_modules(adapters)
   if not modules:
     raise ValueError("No adapter leaves (lora_a, lora_b, lora_magnitude) to export.")
@@ -268,7 +278,8 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
     if "lora_a" not in leaves or "lora_b" not in leaves:
       raise ValueError(f"{module!r} lacks lora_a or lora_b (has {sorted(leaves)}).")
     alpha = config.alpha_for(module)
-    for path, arrays in _unstack(module, leaves, path_map):
+    # A named weight's site (m/w_lora) is the PEFT module named by the weight (m.w).
+    for path, arrays in _unstack(targeting.site_target(module), leaves, path_map):
       lora_a, lora_b = arrays["lora_a"], arrays["lora_b"]
       if lora_a.ndim != 2 or lora_b.ndim != 2:
         raise ValueError(
@@ -459,10 +470,23 @@ def _stack_layers(per_layer: Mapping[str, dict[str, np.ndarray]], prefix: str,
   return out
 
 
+def _weight_targets(modules: Mapping[str, Any], weight_names: Sequence[str],
+                    base_params: Mapping[str, Any] | None) -> set[str]:
+  """The file's modules that are named weights (adapter sites ``<weight>_lora``)."""
+  base = targeting.flatten(targeting.unwrap_params(base_params)[0]) if base_params else {}
+  found = set()
+  for path in modules:
+    name = path.rsplit("/", 1)[-1]
+    if name not in targeting.KERNEL_LEAVES and (name in weight_names or path in base):
+      found.add(path)
+  return found
+
+
 def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None,
                 scanned: bool = False, num_layers: int | None = None, dtype: Any = None,
                 base_params: Mapping[str, Any] | None = None,
-                layouts: Mapping[str, Any] | None = None
+                layouts: Mapping[str, Any] | None = None,
+                weight_names: Sequence[str] = ()
                 ) -> tuple[dict[str, Any], LoRAConfig]:
   """Reads a Hugging Face PEFT LoRA/DoRA directory into our adapter leaves.
 
@@ -478,6 +502,10 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       (the module exists, its kernel shape fits, scanned vs unrolled layers)
       and all misfits are listed in one error.
     layouts: kernel layouts for interleaved ``nn.Einsum`` kernels.
+    weight_names: names of weights adapted on their own (``LoRAConfig.weight_names``
+      beyond ``kernel``/``embedding``): a module ``m.w`` of the file whose last
+      name is one of them is the weight ``m/w``, its leaves going to ``m/w_lora``.
+      Weights that are leaves of ``base_params`` are found without it.
 
   Returns:
     ``(adapters, config)``: a nested dict to :func:`peft_jax.combine` with
@@ -585,11 +613,14 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
         if table.setdefault(stacked, value) != value:
           raise ValueError(f"Cannot stack {stacked!r}: layers have different ranks or alphas.")
 
+  weights = _weight_targets(modules, weight_names, base_params)
+  site_weights = tuple(sorted({p.rsplit("/", 1)[-1] for p in weights}))
   flat = {}
   for path, leaves in list(modules.items()) + list(copies.items()):
+    site = targeting.site_path(path, path.rsplit("/", 1)[-1]) if path in weights else path
     for name, value in leaves.items():
       array = jnp.asarray(np.ascontiguousarray(value))
-      flat[f"{path}/{name}"] = array if dtype is None else array.astype(dtype)
+      flat[f"{site}/{name}"] = array if dtype is None else array.astype(dtype)
   hf_targets = hf_config.get("target_modules")
   names_only = (isinstance(hf_targets, list) and all("." not in t for t in hf_targets)
                 and hf_config.get("layers_to_transform") is None
@@ -598,6 +629,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
              else tuple(sorted(modules)))
   config = LoRAConfig(
       rank=default_rank, alpha=_alpha_value(default_alpha),
+      weight_names=targeting.KERNEL_LEAVES + site_weights,
       target_modules=targets, dropout=float(hf_config.get("lora_dropout", 0.0)),
       use_rslora=bool(hf_config.get("use_rslora", False)),
       use_dora=bool(hf_config.get("use_dora", False)),

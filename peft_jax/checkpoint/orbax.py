@@ -141,7 +141,8 @@ def _file_config(config: LoRAConfig, tree: Mapping[str, Any]) -> dict[str, Any]:
     pattern = d[name]
     if all(ut.is_plain(k) for k in pattern):
       continue
-    d[name] = {re.escape(m): value_for(m) for m in modules if value_for(m) != default}
+    d[name] = {re.escape(targeting.site_target(m)): value_for(m) for m in modules
+               if value_for(m) != default}
   return d
 
 

@@ -146,11 +146,18 @@ class LoRAConfig:
       raise validation.InvalidValue(f"bias must be one of {BIAS_OPTIONS}, got {self.bias!r}.")
 
   def rank_for(self, module_path: str) -> int:
-    """The rank of the adapter at ``module_path`` (``rank_pattern`` first)."""
+    """The rank of the adapter at ``module_path`` (``rank_pattern`` first).
+
+    An adapter site of a named weight (``m/w_lora``) is looked up by the
+    weight's path (``m/w``), its target (see :mod:`peft_jax.targeting`).
+    """
+    module_path = targeting.site_target(module_path)
     return int(targeting.resolve_pattern(self.rank_pattern, module_path, self.rank))
 
   def alpha_for(self, module_path: str) -> float:
-    """The alpha of the adapter at ``module_path`` (``alpha_pattern`` first)."""
+    """The alpha of the adapter at ``module_path`` (``alpha_pattern`` first; sites as
+    :meth:`rank_for`)."""
+    module_path = targeting.site_target(module_path)
     return float(targeting.resolve_pattern(self.alpha_pattern, module_path, self.alpha))
 
   def scale_for(self, module_path: str, rank: int | None = None) -> float:

@@ -248,21 +248,10 @@ class _Interceptor:
   def _mixed_builtin(self, module, args, kwargs):
     """``scale[k_b] * (x_b A[k_b]) B[k_b]`` for nn.Dense / nn.Embed (k_b = adapter_index[b])."""
     x = args[0] if args else kwargs["inputs"]
-    path = module_path(module)
-    index = self.adapter_index
-    if x.shape[0] != index.shape[0]:
-      raise ValueError(f"adapter_index has {index.shape[0]} entries but the input of {path!r} "
-                       f"has batch {x.shape[0]}.")
-    a_stack = module.get_variable("params", "lora_a_stack")
-    b_stack = module.get_variable("params", "lora_b_stack")
-    scales = module.get_variable("params", "lora_scale_stack")
-    lora_a, lora_b, scale = ops.gather_stack(a_stack, b_stack, scales, index, path)
-    if isinstance(module, nn.Embed):
-      hidden = jax.vmap(lambda a, ids: jnp.take(a, ids, axis=0))(lora_a, x)
-    else:
-      hidden = jnp.einsum("b...i,bir->b...r", x.astype(lora_a.dtype), lora_a)
-    lora = jnp.einsum("b...r,bro->b...o", hidden, lora_b)
-    return lora * scale.reshape((-1,) + (1,) * (lora.ndim - 1)).astype(lora.dtype)
+    stack = [module.get_variable("params", n)
+             for n in ("lora_a_stack", "lora_b_stack", "lora_scale_stack")]
+    return ops.per_row_term(x, *stack, self.adapter_index, module_path(module),
+                            lookup=isinstance(module, nn.Embed))
 
   def _op_call(self, module, next_fun, args, kwargs):
     """A module whose weights enter products of its own code (see :mod:`peft_jax.lora.ops`)."""

@@ -234,8 +234,13 @@ class _OpTrace(core.Trace):
     return self.parent.process_custom_vjp_call(primitive, fun, fwd, bwd, tracers,
                                                out_trees=out_trees, symbolic_zeros=symbolic_zeros)
 
-  def cur_qdd(self, x):
+  def cur_qdd(self, x):  # jax < 0.11
     return self.parent.cur_qdd(self.plain(x))
+
+  def stage_value(self, val):  # jax >= 0.11 (lax.stage: jnp.asarray of a constant, ...)
+    if isinstance(val, _View) and val._trace is self:
+      return val
+    return self.parent.stage_value(val)
 
   # -- the product -------------------------------------------------------------------
   def _product(self, args, params, side):
@@ -324,7 +329,7 @@ def _adapter_term(v, x, base, spec: AdapterSpec, subs, axes):
   name = v.spec.path or v.key
   terms = []
   if spec.mixed is not None:
-    terms.append(_mixed_term(x, *spec.mixed, subs, name, *shapes))
+    terms.append(mixed_term(x, *spec.mixed, subs, name, *shapes))
   if spec.lora_a is not None:
     terms.append(_single_term(v, x, base, spec, subs, axes, shapes, name))
   return sum(terms[1:], terms[0])
@@ -389,7 +394,7 @@ def gather_stack(a_stack, b_stack, scales, index, path: str = ""):
   return a_stack[k], b_stack[k], scale
 
 
-def _mixed_term(x, a_stack, b_stack, scales, index, subs, name, in_shape, out_shape):
+def mixed_term(x, a_stack, b_stack, scales, index, subs, name, in_shape, out_shape):
   """Each example's own adapter: ``scale[k] (x_b A[k]) B[k]``, ``k = index[b]``."""
   x_sub, in_sub, out_sub, x_free, y_sub = subs
   r = layout_lib.RANK_LETTER
@@ -404,3 +409,18 @@ def _mixed_term(x, a_stack, b_stack, scales, index, subs, name, in_shape, out_sh
   h = jnp.einsum(f"{x_sub},{e}{in_sub}{r}->{x_free}{r}", x.astype(lora_a.dtype), lora_a)
   lora = jnp.einsum(f"{x_free}{r},{e}{r}{out_sub}->{y_sub}", h, lora_b)
   return jnp.einsum(f"{y_sub},{e}->{y_sub}", lora, scale.astype(lora.dtype))
+
+
+def per_row_term(x, a_stack, b_stack, scales, index, path: str = "", *, lookup: bool = False):
+  """``scale[k_b] (x_b A[k_b]) B[k_b]`` for a 2-D kernel whose input's first axis is the row
+  (a dense layer; ``lookup``: ``x`` are ids into an embedding table)."""
+  if x.shape[0] != index.shape[0]:
+    raise ValueError(f"adapter_index has {index.shape[0]} entries but the input of {path!r} "
+                     f"has batch {x.shape[0]}.")
+  lora_a, lora_b, scale = gather_stack(a_stack, b_stack, scales, index, path)
+  if lookup:
+    hidden = jax.vmap(lambda a, ids: jnp.take(a, ids, axis=0))(lora_a, x)
+  else:
+    hidden = jnp.einsum("b...i,bir->b...r", x.astype(lora_a.dtype), lora_a)
+  lora = jnp.einsum("b...r,bro->b...o", hidden, lora_b)
+  return lora * scale.reshape((-1,) + (1,) * (lora.ndim - 1)).astype(lora.dtype)

@@ -7,6 +7,7 @@ linen path: an NNX model is read as its linen-shaped params dict
 own ``__call__`` (:mod:`peft_jax.nnx.modules`).
 """
 
+from peft_jax.nnx.mixed import attach, detach
 from peft_jax.nnx.modules import is_peft_module
 from peft_jax.nnx.optim import linen_paths
 from peft_jax.nnx.state import Adapter, adapters, linen_path, params
@@ -24,7 +25,8 @@ from peft_jax.nnx.transform import (
 )
 
 __all__ = [
-    "Adapter", "adalora_transform", "adapters", "apply_qlora", "check", "is_peft_module", "layouts",
+    "Adapter", "adalora_transform", "adapters", "apply_qlora", "attach", "check", "detach",
+    "is_peft_module", "layouts",
     "linen_path", "linen_paths", "load_adapters", "lora_transform", "merge", "model_config",
     "params", "quantize", "sync",
 ]

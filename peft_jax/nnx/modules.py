@@ -116,13 +116,77 @@ def plain_class(cls: type) -> type:
   return vars(cls)[PEFT_MARKER]
 
 
-def _intercept_options() -> tuple[Any, str | None, str | None]:
-  """``(config, quant_impl, quant_platform)`` of an enclosing ``peft_jax.intercept``."""
+def _interceptor():
+  """The innermost enclosing ``peft_jax.intercept`` (None outside one)."""
   stack = getattr(linen_module, "_global_interceptor_stack", ())  # pylint: disable=protected-access
   for interceptor in reversed(list(stack)):
     if hasattr(interceptor, "quant_impl") and hasattr(interceptor, "config"):
-      return interceptor.config, interceptor.quant_impl, getattr(interceptor, "quant_platform", None)
-  return None, None, None
+      return interceptor
+  return None
+
+
+def _intercept_options() -> tuple[Any, str | None, str | None]:
+  """``(config, quant_impl, quant_platform)`` of an enclosing ``peft_jax.intercept``."""
+  interceptor = _interceptor()
+  if interceptor is None:
+    return None, None, None
+  return interceptor.config, interceptor.quant_impl, getattr(interceptor, "quant_platform", None)
+
+
+def _no_dropout() -> bool:
+  """An enclosing ``intercept(deterministic=True)`` (e.g. ``mixed_adapters``) turns dropout off."""
+  return getattr(_interceptor(), "deterministic", None) is True
+
+
+STACK_LEAVES = ("lora_a_stack", "lora_b_stack", "lora_scale_stack")
+
+
+def _stack(site, path: str):
+  """``(a_stack, b_stack, scales, adapter_index)`` of a site holding stacked adapters, or None.
+
+  Raises:
+    ValueError: stacked adapters outside ``peft_jax.multitask.mixed_adapters``
+      (they would add nothing).
+  """
+  leaves = [_site_leaf(site, n) for n in STACK_LEAVES]
+  if leaves[0] is None:
+    return None
+  index = getattr(_interceptor(), "adapter_index", None)
+  if index is None:
+    raise ValueError(
+        f"{path!r} holds stacked adapters (lora_a_stack), which act only in a mixed batch: "
+        "run the model inside peft_jax.multitask.mixed_adapters(adapter_index).")
+  return (*leaves, index)
+
+
+def _explicit(x_sub: str, k_sub: str, y_sub: str, ndim: int) -> tuple[str, str, str]:
+  """Einsum subscripts with ``...`` spelled out for an input of ``ndim`` axes."""
+  if "..." not in x_sub:
+    return x_sub, k_sub, y_sub
+  fresh = "".join(c for c in "ABCDEFGHIJKLMNOPQSTUVWXYZ" if c not in x_sub + k_sub + y_sub)
+  dots = fresh[: ndim - (len(x_sub) - 3)]
+  return x_sub.replace("...", dots), k_sub.replace("...", dots), y_sub.replace("...", dots)
+
+
+def _mixed_call(module, args, kwargs, stack):
+  """Each row's own stacked adapter for a built-in (see
+  :func:`peft_jax.lora.ops.per_row_term` / :func:`~peft_jax.lora.ops.mixed_term`)."""
+  path = module.lora_path
+  x = _input(args, kwargs)
+  if isinstance(module, (nnx.Linear, nnx.Embed)):
+    return ops.per_row_term(x, *stack, path, lookup=isinstance(module, nnx.Embed))
+  if isinstance(module, nnx.Conv):
+    raise ValueError(f"Mixed-adapter batches do not support Conv modules ({path!r}): "
+                     "merge that adapter per task instead.")
+  x_sub, k_sub, y_sub = _explicit(*_subscripts(module, x, args, kwargs), x.ndim)
+  in_sub = "".join(c for c in k_sub if c in x_sub)
+  out_sub = "".join(c for c in k_sub if c in y_sub)
+  x_free = "".join(c for c in x_sub if c not in in_sub)
+  shape = _leaf(module, "kernel").shape
+  in_shape = tuple(shape[k_sub.index(c)] for c in in_sub)
+  out_shape = tuple(shape[k_sub.index(c)] for c in out_sub)
+  return ops.mixed_term(x, *stack, (x_sub, in_sub, out_sub, x_free, y_sub), path,
+                        in_shape, out_shape)
 
 
 def _input(args, kwargs):
@@ -209,7 +273,16 @@ def _lora_conv(module, x, lora_a):
 
 
 def adapted_call(module, base_call, args, kwargs):
-  """``module(*args, **kwargs)`` with its adapters and quantized kernel (see module doc)."""
+  """``module(*args, **kwargs)`` with its adapters, stacked adapters (mixed batches) and
+  quantized kernel (see module doc)."""
+  out = _adapted_single(module, base_call, args, kwargs)
+  stack = _stack(module, module.lora_path)
+  if stack is None:
+    return out
+  return out + _mixed_call(module, args, kwargs, stack).astype(out.dtype)
+
+
+def _adapted_single(module, base_call, args, kwargs):
   intercept_config, impl, platform = _intercept_options()
   kernel = _leaf(module, kernel_name(module))
   if is_quantized(kernel):
@@ -234,7 +307,7 @@ def adapted_call(module, base_call, args, kwargs):
     # AdaLoRA: scale * x @ (A * E) @ B; the masked singular values stay zeros.
     lora_a = lora_a * lora_e.reshape(lora_e.shape[:-1] + (1,) * (lora_a.ndim - lora_e.ndim) + lora_e.shape[-1:])
   dropout = getattr(module, "lora_dropout", None)
-  drop = (lambda v: v) if dropout is None else dropout
+  drop = (lambda v: v) if dropout is None or _no_dropout() else dropout
 
   x_drop = x if isinstance(module, nnx.Embed) else drop(x)
   if isinstance(module, nnx.Embed):
@@ -288,7 +361,8 @@ def weight_sites(module) -> dict[str, nnx.Module | None]:
   for name, value in vars(module).items():
     if not isinstance(value, nnx.Param) or isinstance(value, nnx.LoRAParam):
       continue
-    if name in ("kernel", "embedding") and isinstance(getattr(module, "lora_a", None), nnx.Variable):
+    if name in ("kernel", "embedding") and any(isinstance(getattr(module, leaf, None), nnx.Variable)
+                                               for leaf in ("lora_a", "lora_a_stack")):
       sites[name] = module
     elif isinstance(getattr(module, name + "_lora", None), nnx.Dict):
       sites[name] = getattr(module, name + "_lora")
@@ -300,9 +374,21 @@ def _site_leaf(site, name):
   return None if var is None else var.get_value()
 
 
+def layer_shape(module) -> tuple[int, ...]:
+  """The leading stacked-layer axes of a module's adapters (``nnx.vmap``-created layers):
+  ``lora_a`` is ``layers + in + (r,)``, ``lora_b`` ``layers + (r,) + out``, the weight
+  ``layers + in + out``."""
+  for name, site in weight_sites(module).items():
+    lora_a, lora_b = _site_leaf(site, "lora_a"), _site_leaf(site, "lora_b")
+    if lora_a is not None and lora_b is not None:
+      n = lora_a.ndim + lora_b.ndim - 2 - len(getattr(module, name).get_value().shape)
+      return tuple(lora_a.shape[:n])
+  return ()
+
+
 def _dropout_key(module):
   dropout = getattr(module, "lora_dropout", None)
-  if dropout is None or dropout.deterministic:
+  if dropout is None or dropout.deterministic or _no_dropout():
     return None
   return dropout.rngs
 
@@ -316,13 +402,18 @@ def op_call(module, base_call, args, kwargs):
   for name, site in weight_sites(module).items():
     target = path if name in ("kernel", "embedding") else "/".join(filter(None, (path, name)))
     lora_a, lora_e = _site_leaf(site, "lora_a"), _site_leaf(site, "lora_e")
+    mixed = _stack(site, target)
+    if lora_a is None:  # stacked adapters only
+      weights[name] = ops.WeightSpec(getattr(module, name).get_value(),
+                                     ops.AdapterSpec(mixed=mixed), path=target)
+      continue
     rank = lora_a.shape[-1]
     if lora_e is None and rank != config.rank_for(target):
       raise ValueError(f"Adapters at {target!r} have rank {rank} but the config gives rank "
                        f"{config.rank_for(target)}: the config does not fit these adapters.")
     spec = ops.AdapterSpec(lora_a, _site_leaf(site, "lora_b"), config.scale_for(target, rank),
                            _site_leaf(site, "lora_magnitude"), lora_e, config.dropout,
-                           _dropout_key(module))
+                           _dropout_key(module), mixed)
     weights[name] = ops.WeightSpec(getattr(module, name).get_value(), spec, path=target)
   for name, value in vars(module).items():
     if name not in weights and isinstance(value, nnx.Param) and is_quantized(value.get_value()):

@@ -107,9 +107,9 @@ def _owner(module_path: str) -> str:
   return module_path
 
 
-def _adapter_holders(flat: Mapping[str, Any]) -> set[str]:
+def _adapter_holders(flat: Mapping[str, Any], leaf: str = "lora_a") -> set[str]:
   return {_owner(targeting.split_path(p)[0]) for p in flat
-          if p.endswith("/lora_a") or saved_lib.is_saved_path(p)}
+          if p.endswith("/" + leaf) or (leaf == "lora_a" and saved_lib.is_saved_path(p))}
 
 
 def _check_supported(mods, holders: set[str], quantized: set[str]) -> None:
@@ -157,6 +157,17 @@ def _del_leaf(mods, module_path, name):
     delattr(site, name)
 
 
+def _dropout_layer(rate: float, rngs: nnx.Rngs, layers: tuple[int, ...]) -> nnx.Dropout:
+  """The adapter dropout of one layer; of ``nnx.vmap``-stacked layers, with one key per
+  layer (as ``nnx.split_rngs`` gives them), so that under ``nnx.scan`` each layer draws
+  its own masks and every call new ones."""
+  if not layers:
+    return nnx.Dropout(rate, rngs=rngs)
+  dropout = nnx.Dropout(rate)
+  dropout.rngs = nnx.RngStream(jax.random.split(rngs["dropout"](), layers), tag="dropout")
+  return dropout
+
+
 def _reclass(module, path: str, config: LoRAConfig | None, adapted: bool, quantized: bool,
              rngs: nnx.Rngs | None) -> None:
   cls = type(module)
@@ -176,7 +187,7 @@ def _reclass(module, path: str, config: LoRAConfig | None, adapted: bool, quanti
   if dropout > 0.0 and getattr(module, "lora_dropout", None) is None:
     if rngs is None:
       raise ValueError(f"config.dropout={dropout} needs rngs (nnx.Rngs with a 'dropout' stream).")
-    module.lora_dropout = nnx.Dropout(dropout, rngs=rngs)
+    module.lora_dropout = _dropout_layer(dropout, rngs, modules_lib.layer_shape(module))
   elif dropout == 0.0:
     module.lora_dropout = None
 
@@ -194,15 +205,18 @@ def sync(model: nnx.Module, params: Mapping[str, Any], config: LoRAConfig | None
   mods = state_lib.modules(model)
   for path in sorted(set(new) ^ set(old)):
     module_path, name = targeting.split_path(path)
-    if name not in targeting.ADAPTER_LEAVES and not saved_lib.is_saved_path(path):
+def _adapter_holders(flat: Mapping[str, Any], leaf: str = "lora_a") -> set[str]:
+  return {_owner(targeting.split_path(p)[0]) for p in flat
+          if p.endswith("/" + leaf) or (leaf == "lora_a" and saved_lib.is_saved_path(p))}
       what = "added to" if path in new else "missing from"
       raise ValueError(f"The base leaf {path!r} would be {what} the NNX model; only adapter "
                        "leaves can be added or removed.")
     if _owner(module_path) not in mods:
       raise ValueError(f"Adapter leaf {path!r} has no module at that path in the NNX model.")
   holders = _adapter_holders(new)
+  stacked = _adapter_holders(new, "lora_a_stack")
   quantized = {_owner(targeting.split_path(p)[0]) for p, v in new.items() if is_quantized(v)}
-  _check_supported(mods, holders, quantized)
+  _check_supported(mods, holders | stacked, quantized)
   if holders and config is None:
     raise ValueError("Adapters need their LoRAConfig.")
   for path in sorted(old.keys() - new.keys()):
@@ -217,8 +231,8 @@ def sync(model: nnx.Module, params: Mapping[str, Any], config: LoRAConfig | None
       site = _site(mods, module_path, create=False)
       (site[name] if isinstance(site, nnx.Dict) else getattr(site, name)).set_value(value)
   for path, module in state_lib.modules(model).items():
-    if path in holders or path in quantized or modules_lib.is_peft_module(module):
-      _reclass(module, path, config, path in holders, path in quantized, rngs)
+    if path in holders | stacked | quantized or modules_lib.is_peft_module(module):
+      _reclass(module, path, config, path in holders, path in quantized or path in stacked, rngs)
   return model
 
 
