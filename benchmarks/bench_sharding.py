@@ -11,7 +11,7 @@ shardings: nothing is allocated) on 8 simulated CPU devices, mesh
 * QLoRA: the same adapters on an NF4 base (block 64, double quantization);
 * full fine-tuning (AdamW on every parameter);
 * variants: `+spread` (`spread_adapters=True`: adapters and their moments also
-  split over the mesh axis their kernel leaves unused) and `+head` (the
+  split over the mesh axes their own specs leave unused) and `+head` (the
   output head NF4 too; the embedding stays bf16);
 
 each as a "bf16" plan (base/params and compute in bfloat16) and an "f32"

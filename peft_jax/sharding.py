@@ -265,10 +265,10 @@ def _adapter_spec(name: str, shape, kernel_shape, a_shape, b_shape, kernel: list
              "lora_magnitude": batch + outs, "lora_e": batch + [None]}[name]
   if spread is None or name == "lora_e":
     return entries
-  # The first non-rank axis of the leaf also over the mesh axes the kernel leaves unused.
+  # The first non-rank axis of the leaf also over the mesh axes the leaf leaves unused.
   axis = layout.batch_ndim + (name == "lora_b")
   names = list(_names(entries[axis]))
-  used = {n for e in kernel for n in _names(e)}
+  used = {n for e in entries for n in _names(e)}
   for extra in (a for a in spread if a not in used and spread[a] > 1):
     if shape[axis] % _axis_size(spread, tuple(names + [extra])) == 0:
       names.append(extra)
@@ -328,8 +328,9 @@ def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
     indivisible: ``"error"`` or ``"replicate"`` (reported with a warning).
     spread_adapters: also split each adapter leaf's first non-rank axis
       (``lora_a``'s input, ``lora_b``'s and ``lora_magnitude``'s output)
-      over the mesh axes its kernel's spec leaves unused, as many as divide
-      it (FSDP for the adapter state: its optimizer moments follow).
+      over the mesh axes its own spec leaves unused (e.g. ``lora_a`` of a
+      ``P("fsdp", "tp")`` kernel over ``("fsdp", "tp")``), as many as divide
+      it: FSDP for the adapter state; its optimizer moments follow.
 
   Returns:
     A tree of ``PartitionSpec`` shaped like ``params``; an ``NF4Array`` leaf

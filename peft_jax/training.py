@@ -120,7 +120,7 @@ def make_train_step(
     batch_axes: mesh axes the batch is split over (those in the mesh).
     indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
     spread_adapters: also split the adapters and their optimizer moments over
-      the mesh axes their kernel leaves unused (see
+      the mesh axes their own specs leave unused (see
       :func:`sharding.param_specs`); pass the same to :func:`shard_train_inputs`.
   """
   if loss_fn is None:

@@ -100,14 +100,14 @@ def assert_placed(state, base, rules, mesh, what, spread=False):
 
 
 def check_spread_adapters(model, ids, labels, mesh, rules):
-  """LoRA with spread_adapters=True: the same run; adapters split over the unused axis too."""
+  """LoRA with spread_adapters=True: the same run; adapters split over all 8 devices."""
   ref_losses, _, _, _ = run("lora", model, ids, labels)
   losses, state, base, _ = run("lora", model, ids, labels, mesh, rules, spread=True)
   np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
   assert_placed(state, base, rules, mesh, "spread", spread=True)
   q = state.trainable["model"]["layers"]["self_attn"]["q_proj"]
-  assert spec_is(q["lora_a"], None, ("fsdp", "data"), None), q["lora_a"].sharding
-  assert spec_is(q["lora_b"], None, None, ("tp", "data")), q["lora_b"].sharding
+  assert spec_is(q["lora_a"], None, ("fsdp", "data", "tp"), None), q["lora_a"].sharding
+  assert spec_is(q["lora_b"], None, None, ("tp", "data", "fsdp")), q["lora_b"].sharding
   mu = state.opt_state[0].mu["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
   assert mu.sharding.is_equivalent_to(q["lora_a"].sharding, 3)
   print(f"CHECK spread adapters OK {losses}", flush=True)

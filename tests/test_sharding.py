@@ -76,9 +76,9 @@ def test_spread_adapters_split_the_non_rank_axis_over_unused_mesh_axes():
   plain = sharding.param_specs(params, rules, mesh)
   assert plain["q"]["lora_a"] == P("fsdp", None) and plain["q"]["lora_b"] == P(None, "tp")
   specs = sharding.param_specs(params, rules, mesh, spread_adapters=True)
-  assert specs["q"]["lora_a"] == P(("fsdp", "data"), None)
-  assert specs["q"]["lora_b"] == P(None, ("tp", "data"))
+  assert specs["q"]["lora_a"] == P(("fsdp", "data", "tp"), None)
+  assert specs["q"]["lora_b"] == P(None, ("tp", "data"))  # 4 columns: not over fsdp too
   assert specs["q"]["kernel"] == P("fsdp", "tp")  # the base is as the rules say
   assert specs["o"]["lora_a"] == P("fsdp", None)  # 6 rows do not split 4 ways: as the kernel
   moments = sharding.opt_state_specs(optax.adam(1e-3).init(params), params, specs)
-  assert moments[0].mu["q"]["lora_a"] == P(("fsdp", "data"), None)
+  assert moments[0].mu["q"]["lora_a"] == P(("fsdp", "data", "tp"), None)
