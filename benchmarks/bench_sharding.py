@@ -180,11 +180,15 @@ NOTES = (
     "plan (goal 1.1x). The whole-argument ratio is higher for the adapter methods because "
     "the adapter state (f32 adapters + AdamW moments, 458-480 MiB global for r=16 all-linear) "
     "is split only 2.4 ways: the rank axis is replicated and each adapter leaf follows one "
-    "kernel axis (fsdp=4 or tp=2).",
+    "kernel axis (fsdp=4 or tp=2). With `+spread` (`spread_adapters=True`) each adapter "
+    "leaf's non-rank axis also goes over the mesh axes its own spec leaves unused, and "
+    "every argument splits evenly (1.000-1.004x).",
     "QLoRA/LoRA per device: base alone 0.288 (7B) and 0.356 (8B: its 128k-vocabulary "
     "embedding and head stay bf16, 2.1 of its 5.9 GB); all arguments 0.362 and 0.416. The "
-    "0.3x goal holds for the 7B base only. Step totals are dominated by activations (batch "
-    "2 x 512 per device with remat), so their ratio is far from 0.3.",
+    "0.3x goal then holds for the 7B base only. Step totals are dominated by activations (batch "
+    "2 x 512 per device with remat), so their ratio is far from 0.3. With `+spread`: 0.312 "
+    "(7B) and 0.376 (8B); with the head NF4 too (`+head`, not the default: bitsandbytes/PEFT "
+    "keep the head in 16 bits) 0.298 and 0.329. The 8B misses 0.3 by its bf16 embedding.",
 )
 
 
