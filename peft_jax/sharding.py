@@ -254,15 +254,33 @@ def _nf4_specs(path: str, w: NF4Array, kernel: list[Any], check: _Checker) -> NF
       offset=None if w.offset is None else P(*stack))
 
 
-def _adapter_spec(name: str, shape, kernel_shape, a_shape, b_shape, kernel: list[Any]
-                  ) -> list[Any]:
+def _adapter_spec(name: str, shape, kernel_shape, a_shape, b_shape, kernel: list[Any],
+                  spread: Mapping[str, int] | None = None) -> list[Any]:
+  """An adapter leaf's entries from its kernel's; ``spread``: the mesh, to spread over."""
   layout = layout_from_adapters(kernel_shape, a_shape, b_shape)
   batch = kernel[:layout.batch_ndim]
   per_layer = kernel[layout.batch_ndim:]
   ins = [per_layer[i] for i in layout.in_axes]
   outs = [per_layer[o] for o in layout.out_axes]
-  return {"lora_a": batch + ins + [None], "lora_b": batch + [None] + outs,
-          "lora_magnitude": batch + outs, "lora_e": batch + [None]}[name]
+  entries = {"lora_a": batch + ins + [None], "lora_b": batch + [None] + outs,
+             "lora_magnitude": batch + outs, "lora_e": batch + [None]}[name]
+  if spread is None or name == "lora_e":
+    return entries
+  # The first non-rank axis of the leaf also over the mesh axes the leaf leaves unused.
+  axis = layout.batch_ndim + (name == "lora_b")
+  names = list(_names(entries[axis]))
+  used = {n for e in entries for n in _names(e)}
+  for extra in (a for a in spread if a not in used and spread[a] > 1):
+    if shape[axis] % _axis_size(spread, tuple(names + [extra])) == 0:
+      names.append(extra)
+  entries[axis] = tuple(names) if len(names) > 1 else (names[0] if names else None)
+  return entries
+
+
+def _names(entry: Any) -> tuple[str, ...]:
+  if entry is None:
+    return ()
+  return tuple(entry) if isinstance(entry, tuple) else (entry,)
 
 
 def _kernel_spec_from_leaf(leaf: Any) -> P | None:
@@ -297,7 +315,8 @@ def rules_from_params(base: Any) -> tuple[tuple[str, P], ...]:
 
 
 def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
-                base: Any = None, indivisible: str = "error") -> Any:
+                base: Any = None, indivisible: str = "error",
+                spread_adapters: bool = False) -> Any:
   """A ``PartitionSpec`` for every leaf of ``params`` (NF4 arrays get NF4 specs).
 
   Args:
@@ -308,6 +327,11 @@ def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
     base: the frozen tree when ``params`` holds adapters whose kernels live
       elsewhere (the output of :func:`peft_jax.split`).
     indivisible: ``"error"`` or ``"replicate"`` (reported with a warning).
+    spread_adapters: also split each adapter leaf's first non-rank axis
+      (``lora_a``'s input, ``lora_b``'s and ``lora_magnitude``'s output)
+      over the mesh axes its own spec leaves unused (e.g. ``lora_a`` of a
+      ``P("fsdp", "tp")`` kernel over ``("fsdp", "tp")``), as many as divide
+      it: FSDP for the adapter state; its optimizer moments follow.
 
   Returns:
     A tree of ``PartitionSpec`` shaped like ``params``; an ``NF4Array`` leaf
@@ -344,7 +368,8 @@ def param_specs(params: Any, rules: Rules, mesh: Mesh | Mapping[str, int], *,
                          "it; pass the frozen tree as base=.")
       kernel = context[kernel_path]
       entries = _adapter_spec(name, leaf.shape, kernel.shape, a.shape, b.shape,
-                              kernel_entries(kernel_path, kernel))
+                              kernel_entries(kernel_path, kernel),
+                              mesh_shape if spread_adapters else None)
     elif is_saved_path(path):  # a trainable copy is placed as the param it copies
       entries = kernel_entries(saved_base_path(path), leaf)
     else:
@@ -416,11 +441,15 @@ def constrain(tree: Any, specs: Any, mesh: Mesh) -> Any:
 
 
 def train_specs(state: Any, base: Any, rules: Rules, mesh: Mesh, *,
-                indivisible: str = "error") -> tuple[Any, Any]:
-  """``(state_specs, base_specs)`` of a :class:`peft_jax.training.TrainState` and its base."""
+                indivisible: str = "error", spread_adapters: bool = False
+                ) -> tuple[Any, Any]:
+  """``(state_specs, base_specs)`` of a :class:`peft_jax.training.TrainState` and its base.
+
+  ``indivisible``, ``spread_adapters``: as for :func:`param_specs`.
+  """
   base_specs = param_specs(base, rules, mesh, indivisible=indivisible) if base else base
   trainable_specs = param_specs(state.trainable, rules, mesh, base=base or None,
-                                indivisible=indivisible)
+                                indivisible=indivisible, spread_adapters=spread_adapters)
   opt_specs = opt_state_specs(state.opt_state, state.trainable, trainable_specs)
   state_specs = type(state)(P(), trainable_specs, opt_specs)
   return state_specs, base_specs

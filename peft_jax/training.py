@@ -87,6 +87,7 @@ def make_train_step(
     rules: sharding.Rules | None = None,
     batch_axes: tuple[str, ...] = ("data", "fsdp"),
     indivisible: str = "error",
+    spread_adapters: bool = False,
 ) -> Callable[[TrainState, Any, jax.Array, jax.Array, jax.Array], tuple[TrainState, jax.Array]]:
   """Builds ``step(state, base, inputs, labels, key) -> (state, loss)``, jitted.
 
@@ -118,6 +119,9 @@ def make_train_step(
       :func:`sharding.rules_from_params` of a placed base. Needed with ``mesh``.
     batch_axes: mesh axes the batch is split over (those in the mesh).
     indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
+    spread_adapters: also split the adapters and their optimizer moments over
+      the mesh axes their own specs leave unused (see
+      :func:`sharding.param_specs`); pass the same to :func:`shard_train_inputs`.
   """
   if loss_fn is None:
     # Under a mesh, NF4 matmuls take XLA's path, which the SPMD partitioner splits
@@ -129,7 +133,8 @@ def make_train_step(
   def step(state: TrainState, base, inputs, labels, key):
     if mesh is not None:
       state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
-                                                     indivisible=indivisible)
+                                                     indivisible=indivisible,
+                                                     spread_adapters=spread_adapters)
       state = sharding.constrain(state, state_specs, mesh)
       base = sharding.constrain(base, base_specs, mesh) if base else base
       data = sharding.batch_spec(mesh, batch_axes)
@@ -162,11 +167,12 @@ def _all_finite(tree: Any) -> jax.Array:
 
 
 def shard_train_inputs(state: TrainState, base: Any, mesh: jax.sharding.Mesh,
-                       rules: sharding.Rules, *, indivisible: str = "error"
-                       ) -> tuple[TrainState, Any]:
+                       rules: sharding.Rules, *, indivisible: str = "error",
+                       spread_adapters: bool = False) -> tuple[TrainState, Any]:
   """Places a train state and its frozen base on ``mesh`` as ``make_train_step`` expects."""
   state_specs, base_specs = sharding.train_specs(state, base, rules, mesh,
-                                                 indivisible=indivisible)
+                                                 indivisible=indivisible,
+                                                 spread_adapters=spread_adapters)
   base = sharding.shard(base, base_specs, mesh) if base else base
   return sharding.shard(state, state_specs, mesh), base
 

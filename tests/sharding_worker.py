@@ -17,12 +17,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import peft_jax as pj
-from peft_jax import sharding, training
+from peft_jax import sharding, training, training_nnx
 from peft_jax.checkpoint import orbax as ckpt
-from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
+from peft_jax.models import Gemma3Config, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, init_params
 
 METHODS = ("lora", "dora", "qlora", "galore", "full")
 STEPS = 3
@@ -54,12 +55,13 @@ def setup(method, model, ids):
   return config, adapters, base, optax.adamw(1e-2)
 
 
-def run(method, model, ids, labels, mesh=None, rules=None, steps=STEPS):
+def run(method, model, ids, labels, mesh=None, rules=None, steps=STEPS, spread=False):
   config, trainable, base, tx = setup(method, model, ids)
   state = training.init_train_state(trainable, tx)
-  step = training.make_train_step(model, config, tx, mesh=mesh, rules=rules)
+  step = training.make_train_step(model, config, tx, mesh=mesh, rules=rules,
+                                  spread_adapters=spread)
   if mesh is not None:
-    state, base = training.shard_train_inputs(state, base, mesh, rules)
+    state, base = training.shard_train_inputs(state, base, mesh, rules, spread_adapters=spread)
   losses, key = [], jax.random.key(2)
   for _ in range(steps):
     state, loss = step(state, base, ids, labels, key)
@@ -78,18 +80,86 @@ def check_equivalence_and_placement(model, ids, labels, mesh, rules, out_dir, me
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3,
                                                          err_msg=method),
                  state.trainable, ref_state.trainable)
-    state_specs, base_specs = sharding.train_specs(state, base, rules, mesh)
-    for tree, specs in ((state, state_specs), (base, base_specs)):
-      arrays = jax.tree.leaves(tree)
-      shardings = jax.tree.leaves(sharding.to_shardings(specs, mesh))
-      assert len(arrays) == len(shardings), method
-      for x, s in zip(arrays, shardings):
-        assert x.sharding.is_equivalent_to(s, x.ndim), (method, x.shape, x.sharding, s)
+    assert_placed(state, base, rules, mesh, method)
     if method == "lora":
       save_and_step(setup(method, model, ids)[0], state, base, step, ids, labels, out_dir)
     states[method] = (state, base)
     print(f"CHECK equivalence {method} OK {losses}", flush=True)
   return states
+
+
+def assert_placed(state, base, rules, mesh, what, spread=False):
+  """Every leaf of the state and the base has the sharding the rules promise."""
+  state_specs, base_specs = sharding.train_specs(state, base, rules, mesh, spread_adapters=spread)
+  for tree, specs in ((state, state_specs), (base, base_specs)):
+    arrays = jax.tree.leaves(tree)
+    shardings = jax.tree.leaves(sharding.to_shardings(specs, mesh))
+    assert len(arrays) == len(shardings), what
+    for x, s in zip(arrays, shardings):
+      assert x.sharding.is_equivalent_to(s, x.ndim), (what, x.shape, x.sharding, s)
+
+
+def check_spread_adapters(model, ids, labels, mesh, rules):
+  """LoRA with spread_adapters=True: the same run; adapters split over all 8 devices."""
+  ref_losses, _, _, _ = run("lora", model, ids, labels)
+  losses, state, base, _ = run("lora", model, ids, labels, mesh, rules, spread=True)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  assert_placed(state, base, rules, mesh, "spread", spread=True)
+  q = state.trainable["model"]["layers"]["self_attn"]["q_proj"]
+  assert spec_is(q["lora_a"], None, ("fsdp", "data", "tp"), None), q["lora_a"].sharding
+  assert spec_is(q["lora_b"], None, None, ("tp", "data", "fsdp")), q["lora_b"].sharding
+  mu = state.opt_state[0].mu["model"]["layers"]["self_attn"]["q_proj"]["lora_a"]
+  assert mu.sharding.is_equivalent_to(q["lora_a"].sharding, 3)
+  print(f"CHECK spread adapters OK {losses}", flush=True)
+
+
+def nnx_run(method, ids, labels, mesh=None, rules=None, steps=STEPS):
+  """LoRA or QLoRA on the NNX Gemma 3 tiny through peft_jax.training_nnx."""
+  model = Gemma3ForCausalLM(Gemma3Config.tiny(), rngs=nnx.Rngs(0))
+  if method == "qlora":
+    pj.nnx.quantize(model, pj.NF4(block_size=16, compute_dtype=jnp.float32))
+  pj.nnx.lora_transform(model, pj.LoRAConfig(rank=4, target_modules="all-linear"),
+                        key=jax.random.key(1))
+  trainable, base = training_nnx.split_params(model)
+  trainable = jax.tree_util.tree_map_with_path(
+      lambda p, x: x + 0.01 if p[-1].key == "lora_b" else x, trainable)
+  tx = optax.adamw(1e-2)
+  state = training.init_train_state(trainable, tx)
+  step = training_nnx.make_train_step(model, tx, mesh=mesh, rules=rules)
+  if mesh is not None:
+    state, base = training.shard_train_inputs(state, base, mesh, rules)
+  losses = []
+  for _ in range(steps):
+    state, loss = step(state, base, ids, labels, jax.random.key(2))
+    losses.append(float(loss))
+  return losses, state, base
+
+
+def check_nnx(ids, labels, mesh, rules):
+  """The NNX Gemma 3: sharded and single-device runs agree; leaves sit where promised."""
+  ids, labels = ids % 256, labels % 256
+  for method in ("lora", "qlora"):
+    ref_losses, ref_state, _ = nnx_run(method, ids, labels)
+    losses, state, base = nnx_run(method, ids, labels, mesh, rules)
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=method)
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3,
+                                                         err_msg=method),
+                 state.trainable, ref_state.trainable)
+    assert_placed(state, base, rules, mesh, f"nnx {method}")
+    layer = state.trainable["model"]["layers_0"]
+    q, o = layer["self_attn"]["q_proj"], layer["mlp"]["down_proj"]
+    assert spec_is(q["lora_a"], "fsdp", None) and spec_is(q["lora_b"], None, "tp")
+    assert spec_is(o["lora_a"], "tp", None) and spec_is(o["lora_b"], None, "fsdp")
+    mu = state.opt_state[0].mu["model"]["layers_0"]["self_attn"]["q_proj"]["lora_b"]
+    assert mu.sharding.is_equivalent_to(q["lora_b"].sharding, 2)
+    assert spec_is(base["model"]["embed_tokens"]["embedding"], "tp", "fsdp")
+    kernel = base["model"]["layers_2"]["self_attn"]["q_proj"]["kernel"]
+    if method == "qlora":
+      assert isinstance(kernel, pj.NF4Array) and spec_is(kernel.codes, "fsdp", "tp")
+      assert kernel.nested_absmax.sharding.is_fully_replicated
+    else:
+      assert spec_is(kernel, "fsdp", "tp")
+    print(f"CHECK nnx {method} OK {losses}", flush=True)
 
 
 def save_and_step(config, state, base, step, ids, labels, out_dir):
@@ -269,6 +339,8 @@ def main(out_dir, suite="all"):
                                                    methods)
   _timed(check_promised_specs)(states)
   _timed(check_nf4_blocks)(states)
+  _timed(check_nnx)(ids, labels, mesh, rules)
+  _timed(check_spread_adapters)(model, ids, labels, mesh, rules)
   if suite == "all":
     _timed(check_collectives)(mesh, rules)
   _timed(check_restore)(model, ids, labels, rules, out_dir)

@@ -26,6 +26,7 @@ ALLOWED = {
     "merging": _BOTTOM | {"quant", "lora"},
     "multitask": _BOTTOM | {"quant", "lora", "checkpoint"},
     "training": _BOTTOM | {"quant", "lora", "models", "sharding"},
+    "training_nnx": _BOTTOM | {"quant", "lora", "models", "sharding", "training", "nnx"},
     "nnx": _BOTTOM | {"quant", "lora", "qlora", "checkpoint", "multitask"},
     "cli": None,  # the top: may import anything
     "__init__": None,

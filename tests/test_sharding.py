@@ -4,6 +4,12 @@ import subprocess
 import sys
 import textwrap
 
+import jax.numpy as jnp
+import optax
+from jax.sharding import PartitionSpec as P
+
+from peft_jax import sharding
+
 SCRIPT = textwrap.dedent("""
     import os
     os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
@@ -57,3 +63,22 @@ def test_lora_step_under_sharding_matches_single_device():
                           timeout=300)
   assert result.returncode == 0, result.stderr[-3000:]
   assert "sharded OK" in result.stdout
+
+
+def test_spread_adapters_split_the_non_rank_axis_over_unused_mesh_axes():
+  """No devices needed: specs from the mesh's {axis: size}."""
+  params = {"q": {"kernel": jnp.zeros((8, 4)), "lora_a": jnp.zeros((8, 2)),
+                  "lora_b": jnp.zeros((2, 4))},
+            "o": {"kernel": jnp.zeros((6, 4)), "lora_a": jnp.zeros((6, 2)),
+                  "lora_b": jnp.zeros((2, 4))}}
+  rules = ((r".*kernel", P("fsdp", "tp")),)
+  mesh = {"data": 2, "fsdp": 2, "tp": 2}
+  plain = sharding.param_specs(params, rules, mesh)
+  assert plain["q"]["lora_a"] == P("fsdp", None) and plain["q"]["lora_b"] == P(None, "tp")
+  specs = sharding.param_specs(params, rules, mesh, spread_adapters=True)
+  assert specs["q"]["lora_a"] == P(("fsdp", "data", "tp"), None)
+  assert specs["q"]["lora_b"] == P(None, ("tp", "data"))  # 4 columns: not over fsdp too
+  assert specs["q"]["kernel"] == P("fsdp", "tp")  # the base is as the rules say
+  assert specs["o"]["lora_a"] == P("fsdp", None)  # 6 rows do not split 4 ways: as the kernel
+  moments = sharding.opt_state_specs(optax.adam(1e-3).init(params), params, specs)
+  assert moments[0].mu["q"]["lora_a"] == P(("fsdp", "data", "tp"), None)

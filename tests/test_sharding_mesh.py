@@ -3,7 +3,8 @@
 The subprocess (tests/sharding_worker.py) checks, for LoRA and QLoRA (with -m slow also
 DoRA, GaLore and full fine-tuning), that a sharded run on a data=2,fsdp=2,tp=2 mesh
 matches the single-device run over 3 steps and that every leaf has the promised
-sharding; that NF4 shards hold whole blocks; (slow) the compiled HLO's all-gathers; and
+sharding; that NF4 shards hold whole blocks; the same for LoRA and QLoRA on the NNX
+Gemma 3 through peft_jax.training_nnx; (slow) the compiled HLO's all-gathers; and
 restore of its checkpoint onto 4 devices. This process restores it onto one device.
 """
 
@@ -27,7 +28,7 @@ from peft_jax.cli import finetune, main
 pytestmark = pytest.mark.slow
 
 FAST_CHECKS = ("equivalence lora", "equivalence qlora", "promised specs", "nf4 blocks",
-               "restore 8->4")
+               "nnx lora", "nnx qlora", "spread adapters", "restore 8->4")
 ALL_CHECKS = FAST_CHECKS + ("equivalence dora", "equivalence galore", "equivalence full",
                             "collectives")
 
