@@ -208,7 +208,10 @@ def _ours_phases(module, config, optimizer, state, base, windows, args) -> dict:
   import peft_jax as pj  # pylint: disable=import-outside-toplevel
   from peft_jax import training  # pylint: disable=import-outside-toplevel
 
-  def loss_fn(trainable, inputs, labels):
+  # The frozen base is an argument, as in the real step: closed over, it would be
+  # baked into each program as constants (compile-time folding of the whole
+  # model: minutes and ~10 GB for QLoRA).
+  def loss_fn(trainable, base, inputs, labels):
     params = pj.combine(base, trainable) if base else trainable
     return training.lm_loss(module, config, params, inputs, labels)
 
@@ -221,11 +224,11 @@ def _ours_phases(module, config, optimizer, state, base, windows, args) -> dict:
   opt = jax.jit(update)
   window = windows[0]
   inputs, labels = window[:, :-1], window[:, 1:]
-  _, grads = jax.block_until_ready(forward_backward(state.trainable, inputs, labels))
-  jax.block_until_ready((forward(state.trainable, inputs, labels),
+  _, grads = jax.block_until_ready(forward_backward(state.trainable, base, inputs, labels))
+  jax.block_until_ready((forward(state.trainable, base, inputs, labels),
                          opt(grads, state.opt_state, state.trainable)))
-  runs = {"forward": lambda: forward(state.trainable, inputs, labels),
-          "forward_backward": lambda: forward_backward(state.trainable, inputs, labels),
+  runs = {"forward": lambda: forward(state.trainable, base, inputs, labels),
+          "forward_backward": lambda: forward_backward(state.trainable, base, inputs, labels),
           "optimizer": lambda: opt(grads, state.opt_state, state.trainable)}
   times = {k: [] for k in runs}
   for _ in range(max(2, args.timed)):
@@ -420,6 +423,7 @@ def main() -> None:
       for method in methods:
         pair = run_round(args, method, workdir, peer_first=bool(r % 2))
         rounds[method].append(pair)
+        print("PAIR " + json.dumps({"round": r, "method": method, **pair}), flush=True)
         print(f"round {r} {method}: ours {pair['ours'].get('tokens_per_s', pair['ours'].get('error'))}"
               f" tok/s, peer {pair['peer'].get('tokens_per_s', pair['peer'].get('error'))} tok/s, "
               f"other processes {pair['foreign_load']:.2f} cores, load avg "
