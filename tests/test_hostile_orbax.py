@@ -327,6 +327,23 @@ def test_random_manifest_or_config_is_a_clean_error_or_a_correct_load(
     np.testing.assert_array_equal(got.codes, want.codes)
 
 
+@pytest.mark.parametrize("field", ["type", "class"])
+@pytest.mark.parametrize("value", [[], {}, 3, None, ["nf4"]])
+def test_unhashable_or_odd_leaf_type_is_a_clean_error(pristine, tmp_path, field, value):
+  """Found by the property test above: a list as a quantized leaf's type was a TypeError."""
+  shutil.copytree(pristine / "p", tmp_path / "p")
+
+  def edit(manifest):
+    for spec in manifest["quantized"].values():
+      spec.pop("type", None)
+      spec[field] = value
+    return manifest
+
+  edit_json(tmp_path / "p" / "manifest" / "metadata", edit)
+  with pytest.raises(ValueError, match="not a leaf type"):
+    checkpoint.restore_params(tmp_path / "p")
+
+
 def test_cli_generate_refuses_a_hostile_checkpoint_in_one_line(ckpt, capsys):
   from peft_jax.cli.main import main  # pylint: disable=import-outside-toplevel
   root, path = ckpt

@@ -214,8 +214,9 @@ def decode_tree(file, flat: Mapping[str, Any], quantized: Any) -> dict[str, Any]
   for path, spec in quantized.items():
     field = f"quantized[{ut.show(path, 60)}]"
     spec = ut.require_dict(file, field, spec)
-    tag = spec.get("type", _LEGACY_CLASS_NAMES.get(spec.get("class")))
-    if tag not in LEAF_TYPES:
+    legacy = spec.get("class")
+    tag = spec.get("type", _LEGACY_CLASS_NAMES.get(legacy) if isinstance(legacy, str) else None)
+    if not isinstance(tag, str) or tag not in LEAF_TYPES:
       raise ut.malformed(file, f"{field}.type", spec.get("type", spec.get("class")),
                          f"not a leaf type peft_jax rebuilds (known: {sorted(LEAF_TYPES)})")
     leaves[path] = _nf4_leaf(file, path, spec, flat)

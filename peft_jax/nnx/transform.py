@@ -205,9 +205,8 @@ def sync(model: nnx.Module, params: Mapping[str, Any], config: LoRAConfig | None
   mods = state_lib.modules(model)
   for path in sorted(set(new) ^ set(old)):
     module_path, name = targeting.split_path(path)
-def _adapter_holders(flat: Mapping[str, Any], leaf: str = "lora_a") -> set[str]:
-  return {_owner(targeting.split_path(p)[0]) for p in flat
-          if p.endswith("/" + leaf) or (leaf == "lora_a" and saved_lib.is_saved_path(p))}
+    if (name not in targeting.ADAPTER_LEAVES + modules_lib.STACK_LEAVES
+        and not saved_lib.is_saved_path(path)):
       what = "added to" if path in new else "missing from"
       raise ValueError(f"The base leaf {path!r} would be {what} the NNX model; only adapter "
                        "leaves can be added or removed.")
