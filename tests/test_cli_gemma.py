@@ -123,6 +123,9 @@ def test_merge_orbax_and_hf_give_the_adapted_logits(lora_run, model, tmp_path):
   merged = checkpoint.restore_params(tmp_path / "orbax")
   np.testing.assert_allclose(_logits(model, merged), want, atol=2e-4, rtol=2e-4)
   main(["merge", "--adapter", str(out), "--output", str(tmp_path / "hf"), "--format", "hf"])
+  hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
+  assert hf_config["model_type"] == "gemma3_text"
+  assert type(hf_config["query_pre_attn_scalar"]) is int  # transformers refuses 32.0
   _, hf_model = load_gemma3_hf(tmp_path / "hf")  # our reader of transformers' layout
   np.testing.assert_allclose(np.asarray(hf_model(IDS)), want, atol=2e-4, rtol=2e-4)
 

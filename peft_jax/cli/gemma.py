@@ -123,7 +123,10 @@ def config_to_hf_dict(config: Gemma3Config, torch_dtype: Any) -> dict[str, Any]:
       "num_key_value_heads": config.num_key_value_heads, "head_dim": config.head_dim,
       "rms_norm_eps": config.rms_norm_eps, "sliding_window": config.sliding_window,
       "layer_types": list(config.layer_types),
-      "query_pre_attn_scalar": config.query_pre_attn_scalar,
+      # transformers' config class takes an int here
+      "query_pre_attn_scalar": (int(config.query_pre_attn_scalar)
+                                if float(config.query_pre_attn_scalar).is_integer()
+                                else config.query_pre_attn_scalar),
       "final_logit_softcapping": config.final_logit_softcapping,
       "attn_logit_softcapping": None,
       "max_position_embeddings": config.max_position_embeddings,
