@@ -244,6 +244,7 @@ def test_gemma3_270m_end_to_end(tmp_path, capsys):
   # Windows are cut from the token stream without <bos>, which Gemma needs: the loss starts
   # high (9.2 at seq-len 32) and the first LoRA steps take it down fast (6.0 after 3).
   assert summary["eval_loss_after"] < summary["eval_loss_before"]
+  capsys.readouterr()
   main(["generate", "--adapter", str(out), "--prompt", "The capital of France is",
         "--max-tokens", "3"])
   assert capsys.readouterr().out.startswith("The capital of France is")
