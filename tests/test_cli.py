@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from cli_helpers import error_line
 import peft_jax as pj
 from peft_jax import checkpoint
 from peft_jax.cli import finetune as ft
@@ -37,13 +38,7 @@ def _finetune(out, method, *extra):
   return json.loads((out / "summary.json").read_text())
 
 
-def _error(capsys, argv) -> str:
-  with pytest.raises(SystemExit) as exit_info:
-    main(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert "Traceback" not in err
-  return err
+_error = error_line
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,8 @@ import jax
 import numpy as np
 import pytest
 
-from peft_jax import checkpoint, training
+from cli_helpers import error_line, poison_base_at
+from peft_jax import checkpoint
 from peft_jax.cli import finetune as ft
 from peft_jax.cli import resume as resume_lib
 from peft_jax.cli.main import _fill_remembered, build_parser, main
@@ -31,13 +32,7 @@ TINY = ["finetune", "--model", "tiny", "--steps", "4", "--batch", "2", "--seq-le
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def _error(capsys, argv) -> str:
-  with pytest.raises(SystemExit) as exit_info:
-    main(argv)
-  assert exit_info.value.code == 2
-  err = capsys.readouterr().err.strip()
-  assert "Traceback" not in err and len(err.splitlines()) == 1, err
-  return err
+_error = error_line
 
 
 @pytest.fixture
@@ -176,19 +171,7 @@ def test_damaged_resume_file_is_an_error(tmp_path):
 
 
 def test_non_finite_loss_stops_with_exit_2_and_keeps_last_good(tmp_path, capsys, monkeypatch):
-  make_train_step = training.make_train_step
-
-  def poisoned_at_third_step(*args, **kwargs):  # a NaN in the frozen base at step index 2
-    step, calls = make_train_step(*args, **kwargs), []
-
-    def run(state, base, *rest):
-      calls.append(1)
-      if len(calls) == 3:
-        base = jax.tree.map(lambda x: x * np.float32(np.nan), base)
-      return step(state, base, *rest)
-    return run
-
-  monkeypatch.setattr(training, "make_train_step", poisoned_at_third_step)
+  poison_base_at(monkeypatch, 3)  # a NaN in the frozen base at step index 2
   out = tmp_path / "run"
   err = _error(capsys, [*TINY, "--output", str(out)])
   assert "the loss became non-finite at step 2 (loss nan" in err

