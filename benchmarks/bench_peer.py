@@ -1,15 +1,28 @@
 """Side by side with the PyTorch peer (Hugging Face transformers + peft + bitsandbytes).
 
-The same model (SmolLM2-135M: our GGUF-loaded params, written once as a
-Hugging Face safetensors directory that `LlamaForCausalLM.from_pretrained`
-reads), the same token windows (4 x 128 from the shipped Shakespeare), the
-same LoRA (q_proj, v_proj, r=8, alpha=16, float32), AdamW, and the same
-warm-up and timed steps, for three methods:
+The same model (our GGUF-loaded params, written once as a Hugging Face
+safetensors directory that `AutoModelForCausalLM.from_pretrained` reads),
+the same token windows (4 x 128 from the shipped Shakespeare, cut from the
+model's own tokenization), the same LoRA (q_proj, v_proj, r=8, alpha=16,
+float32), AdamW, and the same warm-up and timed steps. Two models
+(`--model smollm2` (default), `gemma3-270m` or `all`):
 
-* LoRA: ours (`lora_transform` + `make_train_step`) vs `peft.get_peft_model`;
-* full fine-tuning: ours vs plain `torch.optim.AdamW` on every parameter;
-* QLoRA: ours (`apply_qlora`, NF4 double-quant, float32 compute) vs
-  bitsandbytes' 4-bit `LlamaForCausalLM` + peft LoRA.
+* SmolLM2-135M (linen), three methods:
+  - LoRA: ours (`lora_transform` + `make_train_step`) vs `peft.get_peft_model`;
+  - full fine-tuning: ours vs plain `torch.optim.AdamW` on every parameter;
+  - QLoRA: ours (`apply_qlora`, NF4 double-quant, float32 compute) vs
+    bitsandbytes' 4-bit model + peft LoRA.
+* Gemma 3 270M (Flax NNX, 262,144-token vocabulary), LoRA and QLoRA: ours is
+  the README's NNX loop: `load_gemma3_270m()`, `pj.nnx.lora_transform` /
+  `pj.nnx.apply_qlora`, `nnx.Optimizer(model, adamw, wrt=pj.nnx.Adapter)`
+  and an `nnx.jit` step over `nnx.value_and_grad` of `gemma3_lm_loss` (the
+  tied head fused into a chunked cross-entropy); the peer is
+  `Gemma3ForCausalLM` (+ bitsandbytes 4-bit) + peft with transformers'
+  default attention.
+
+Each child also reports its first step's loss: the same weights and tokens
+give the same number on both sides (the adapters start at B = 0), which the
+table shows as a check.
 
 The harness is fair and checks itself:
 
@@ -35,13 +48,15 @@ The harness is fair and checks itself:
   real fused step has been timed (and its peak RSS read), so they do not
   touch its memory figure.
 
-Our side is what a library user gets by default: `load_smollm2()` (unrolled
-layers), `lora_transform`/`apply_qlora`, `make_train_step`. We report our
-tokens/s and peak RSS (`VmHWM`) over theirs (goals: LoRA >= 1.3x tokens/s
-and <= 0.8x memory; full fine-tuning >= 1.0x; QLoRA >= 1.5x tokens/s).
-Writes `benchmarks/results/peer.{json,md}`. Usage::
+Our side is what a library user gets by default: for SmolLM2
+`load_smollm2()` (unrolled layers), `lora_transform`/`apply_qlora`,
+`make_train_step`; for Gemma the NNX loop above. We report our tokens/s and
+peak RSS (`VmHWM`) over theirs (goals: LoRA >= 1.3x tokens/s and <= 0.8x
+memory; full fine-tuning >= 1.0x; QLoRA >= 1.5x tokens/s).
+Writes `benchmarks/results/peer.{json,md}`: one block per model; a run of
+one model replaces that model's block and keeps the others. Usage::
 
-    python benchmarks/bench_peer.py [--rounds 3] [--peer-python /work/refvenv/bin/python]
+    python benchmarks/bench_peer.py [--model all] [--rounds 3] [--peer-python /work/refvenv/bin/python]
     python benchmarks/bench_peer.py --quick   # 1 round, 1 warm-up + 2 timed steps (~5 min), writes nothing
 """
 
@@ -59,6 +74,8 @@ import time
 
 HERE = pathlib.Path(__file__).resolve().parent
 METHODS = ("lora", "full", "qlora")
+# model -> (label, methods). Gemma 3 270M: the adapter methods (issue 12).
+MODELS = {"smollm2": ("SmolLM2-135M", METHODS), "gemma3-270m": ("Gemma 3 270M", ("lora", "qlora"))}
 GOALS = {"lora": {"tokens_per_s": 1.3, "peak_rss": 0.8}, "full": {"tokens_per_s": 1.0},
          "qlora": {"tokens_per_s": 1.5}}
 PHASES = ("forward", "backward", "optimizer")
@@ -121,7 +138,8 @@ def peer_child(args) -> None:
     kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
         load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
         bnb_4bit_compute_dtype=torch.float32)
-  model = transformers.LlamaForCausalLM.from_pretrained(args.hf_dir, **kwargs)
+  # SmolLM2 -> LlamaForCausalLM, Gemma 3 -> Gemma3ForCausalLM (config.json's architecture).
+  model = transformers.AutoModelForCausalLM.from_pretrained(args.hf_dir, **kwargs)
   if args.method in ("lora", "qlora"):
     import peft  # pylint: disable=import-outside-toplevel
     model = peft.get_peft_model(model, peft.LoraConfig(
@@ -158,10 +176,12 @@ def peer_child(args) -> None:
 
 def ours_child(args) -> None:
   """Our side as a library user writes it: SmolLM2 (unrolled), the same windows and optimizer."""
+  if args.model == "gemma3-270m":
+    ours_gemma_child(args)
+    return
   load_start = _load()
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
-  import numpy as np  # pylint: disable=import-outside-toplevel
   import optax  # pylint: disable=import-outside-toplevel
   import peft_jax as pj  # pylint: disable=import-outside-toplevel
   from peft_jax import training  # pylint: disable=import-outside-toplevel
@@ -185,17 +205,15 @@ def ours_child(args) -> None:
   del loaded  # the float base is garbage for QLoRA now
   optimizer = optax.adamw(LR[args.method], weight_decay=0.0)
   step = training.make_train_step(module, config, optimizer)
-  state = training.init_train_state(trainable, optimizer)
+  held = {"state": training.init_train_state(trainable, optimizer)}
   del trainable
-  windows = np.load(args.windows)
-  args.batch_shape = (windows.shape[1], windows.shape[2] - 1)
-  seconds, losses = [], []
-  for i in range(args.warmup + args.timed):
-    window = windows[i % len(windows)]
-    t0 = time.perf_counter()
-    state, loss = step(state, base, window[:, :-1], window[:, 1:], jax.random.key(i))
-    losses.append(float(loss))
-    seconds.append(time.perf_counter() - t0)
+
+  def run(i, inputs, labels):
+    held["state"], loss = step(held["state"], base, inputs, labels, jax.random.key(i))
+    return loss
+
+  windows, seconds, losses = _timed_steps(args, run)
+  state = held["state"]
   peak_rss = _peak_rss()  # before the phase programs below add their own buffers
   phases = _ours_phases(module, config, optimizer, state, base, windows, args)
   _report(args, seconds, losses, phases, peak_rss, load_start)
@@ -224,14 +242,84 @@ def _ours_phases(module, config, optimizer, state, base, windows, args) -> dict:
   opt = jax.jit(update)
   window = windows[0]
   inputs, labels = window[:, :-1], window[:, 1:]
-  _, grads = jax.block_until_ready(forward_backward(state.trainable, base, inputs, labels))
-  jax.block_until_ready((forward(state.trainable, base, inputs, labels),
-                         opt(grads, state.opt_state, state.trainable)))
+  _, grads = forward_backward(state.trainable, base, inputs, labels)
   runs = {"forward": lambda: forward(state.trainable, base, inputs, labels),
           "forward_backward": lambda: forward_backward(state.trainable, base, inputs, labels),
           "optimizer": lambda: opt(grads, state.opt_state, state.trainable)}
+  return _time_phases(jax, runs, args.timed)
+
+
+def ours_gemma_child(args) -> None:
+  """Gemma 3 270M through the NNX API, as the README's Flax NNX section writes the loop."""
+  load_start = _load()
+  import jax  # pylint: disable=import-outside-toplevel
+  import optax  # pylint: disable=import-outside-toplevel
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import peft_jax as pj  # pylint: disable=import-outside-toplevel
+  from peft_jax.models import gemma3_lm_loss, load_gemma3_270m  # pylint: disable=import-outside-toplevel
+  model = load_gemma3_270m().model
+  kw = dict(rank=8, alpha=16.0, target_modules=("q_proj", "v_proj"))
+  if args.method == "qlora":
+    pj.nnx.apply_qlora(model, pj.QLoRAConfig(**kw, compute_dtype="float32"), key=jax.random.key(0))
+  elif args.method == "lora":
+    pj.nnx.lora_transform(model, pj.LoRAConfig(**kw), key=jax.random.key(0))
+  else:
+    raise SystemExit(f"gemma3-270m has no {args.method!r} row (only {MODELS['gemma3-270m'][1]}).")
+  optimizer = nnx.Optimizer(model, optax.adamw(LR[args.method], weight_decay=0.0),
+                            wrt=pj.nnx.Adapter)
+  diff = nnx.DiffState(0, pj.nnx.Adapter)
+
+  def loss_fn(m, inputs, labels):
+    return gemma3_lm_loss(m, inputs, labels)
+
+  @nnx.jit
+  def train_step(model, optimizer, inputs, labels):
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model, inputs, labels)
+    optimizer.update(model, grads)
+    return loss
+
+  windows, seconds, losses = _timed_steps(
+      args, lambda i, inputs, labels: train_step(model, optimizer, inputs, labels))
+  peak_rss = _peak_rss()  # before the phase programs below add their own buffers
+  window = windows[0]
+  inputs, labels = window[:, :-1], window[:, 1:]
+  forward = nnx.jit(loss_fn)
+  forward_backward = nnx.jit(nnx.value_and_grad(loss_fn, argnums=diff))
+  _, grads = forward_backward(model, inputs, labels)
+
+  @nnx.jit
+  def update(optimizer, model, grads):
+    optimizer.update(model, grads)  # moves the adapters: the timed steps are over
+
+  runs = {"forward": lambda: forward(model, inputs, labels),
+          "forward_backward": lambda: forward_backward(model, inputs, labels),
+          "optimizer": lambda: update(optimizer, model, grads)}
+  _report(args, seconds, losses, _time_phases(jax, runs, args.timed), peak_rss, load_start)
+
+
+def _timed_steps(args, run_step):
+  """Warm-up + timed steps of ``run_step(i, inputs, labels) -> loss`` over the shared windows.
+
+  Returns ``(windows, seconds per step, losses)``; sets ``args.batch_shape``.
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  windows = np.load(args.windows)
+  args.batch_shape = (windows.shape[1], windows.shape[2] - 1)
+  seconds, losses = [], []
+  for i in range(args.warmup + args.timed):
+    window = windows[i % len(windows)]
+    t0 = time.perf_counter()
+    losses.append(float(run_step(i, window[:, :-1], window[:, 1:])))
+    seconds.append(time.perf_counter() - t0)
+  return windows, seconds, losses
+
+
+def _time_phases(jax, runs: dict, timed: int) -> dict:
+  """Median-ready lists of forward, backward (= forward+backward - forward) and optimizer time."""
+  for run in runs.values():  # compile
+    jax.block_until_ready(run())
   times = {k: [] for k in runs}
-  for _ in range(max(2, args.timed)):
+  for _ in range(max(2, timed)):
     for k, run in runs.items():
       t0 = time.perf_counter()
       jax.block_until_ready(run())
@@ -244,21 +332,42 @@ def _ours_phases(module, config, optimizer, state, base, windows, args) -> dict:
 # ----------------------------------------------------------------------------- the parent
 
 
-def prepare(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: int) -> None:
+def prepare(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: int,
+            model_name: str = "smollm2") -> None:
   """Writes the shared token windows and the model as a Hugging Face directory."""
+  workdir.mkdir(parents=True, exist_ok=True)
+  if model_name == "gemma3-270m":
+    _prepare_gemma(workdir, batch, seq_len, n_windows)
+    return
   import dataclasses  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
-  from peft_jax import data  # pylint: disable=import-outside-toplevel
   from peft_jax.cli import finetune as ft  # pylint: disable=import-outside-toplevel
   from peft_jax.models import hf_checkpoint, params_scanned_to_unrolled  # pylint: disable=import-outside-toplevel
   model = ft.load_model("smollm2")
   tokens = ft.load_tokens(model, None)
-  windows = [np.concatenate([x, y[:, -1:]], axis=1) for x, y in data.batches(
-      tokens, batch, seq_len, seed=1, split="train", num_batches=n_windows)]
-  np.save(workdir / "windows.npy", np.stack(windows).astype(np.int32))
+  np.save(workdir / "windows.npy", _windows(tokens, batch, seq_len, n_windows))
   hf_checkpoint.save_hf_checkpoint(workdir / "hf", dataclasses.replace(model.config,
                                                                        scan_layers=False),
                                    params_scanned_to_unrolled(model.params))
+
+
+def _windows(tokens, batch: int, seq_len: int, n_windows: int):
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from peft_jax import data  # pylint: disable=import-outside-toplevel
+  windows = [np.concatenate([x, y[:, -1:]], axis=1) for x, y in data.batches(
+      tokens, batch, seq_len, seed=1, split="train", num_batches=n_windows)]
+  return np.stack(windows).astype(np.int32)
+
+
+def _prepare_gemma(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: int) -> None:
+  """Gemma 3 270M: windows of its tokenization of the shipped text, its params as an HF dir."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from peft_jax import data  # pylint: disable=import-outside-toplevel
+  from peft_jax.models import gemma3_params, load_gemma3_270m, save_gemma3_hf  # pylint: disable=import-outside-toplevel
+  gemma = load_gemma3_270m()
+  tokens = np.asarray(gemma.tokenizer.encode(data.load_text(None)), np.int32)
+  np.save(workdir / "windows.npy", _windows(tokens, batch, seq_len, n_windows))
+  save_gemma3_hf(workdir / "hf", gemma.config, gemma3_params(gemma.model))
 
 
 def _child_env(threads: int) -> dict:
@@ -283,10 +392,11 @@ def _run_child(python: str, argv: list[str], threads: int, timeout: float) -> di
   return result
 
 
-def run_round(args, method: str, workdir: pathlib.Path, peer_first: bool) -> dict:
+def run_round(args, method: str, workdir: pathlib.Path, peer_first: bool,
+              model: str = "smollm2") -> dict:
   """One interleaved pair (ours, peer) for ``method``, retried while the load is too high."""
-  common = ["--windows", str(workdir / "windows.npy"), "--warmup", str(args.warmup),
-            "--timed", str(args.timed)]
+  common = ["--model", model, "--windows", str(workdir / "windows.npy"), "--warmup",
+            str(args.warmup), "--timed", str(args.timed)]
   for attempt in range(args.retries + 1):
     sides = {"ours": lambda: _run_child(sys.executable, ["--ours", method, *common], args.threads,
                                         args.timeout),
@@ -347,9 +457,19 @@ def summarize(rounds: dict) -> dict:
         "rss_ratio": [p["ours"]["peak_rss_bytes"] / p["peer"]["peak_rss_bytes"] for p in used],
         "phases": {side: {k: [p[side]["phases_s"][k] for p in used] for k in PHASES}
                    for side in ("ours", "peer")},
+        "first_loss": {side: [p[side]["losses"][0] for p in used if p[side].get("losses")]
+                       for side in ("ours", "peer")},
         "errors": [p[s]["error"] for p in pairs for s in ("ours", "peer") if "error" in p[s]],
     }
   return out
+
+
+def _first_loss(s: dict) -> str:
+  """The loss check: both sides' first-step loss (same weights, same tokens, B = 0)."""
+  first = s.get("first_loss", {})
+  if not first.get("ours") or not first.get("peer"):
+    return "n/a"
+  return f"{statistics.median(first['ours']):.4f} / {statistics.median(first['peer']):.4f}"
 
 
 def tables(summary: dict) -> str:
@@ -368,24 +488,76 @@ def tables(summary: dict) -> str:
                  _fmt_ratio(s["tokens_ratio"], goals.get("tokens_per_s")),
                  mib(s["ours_peak_rss"]), mib(s["peer_peak_rss"]),
                  _fmt_ratio(s["rss_ratio"], goals.get("peak_rss"), higher_is_better=False),
-                 _span(s["foreign_load"], "{:.2f}"), _span(s["max_load"], "{:.2f}"), note])
+                 _first_loss(s), _span(s["foreign_load"], "{:.2f}"), _span(s["max_load"], "{:.2f}"),
+                 note])
     for side in ("ours", "peer"):
       ph = s["phases"][side]
       phase_rows.append([method, side] + [_span([x * 1e3 for x in ph[k]], "{:,.0f}") + " ms"
                                           if ph[k] else "n/a" for k in PHASES])
   main_table = C.markdown_table(["Method", "Ours tokens/s", "Peer tokens/s", "Ours / peer",
                                  "Ours peak RSS", "Peer peak RSS", "Ours / peer",
-                                 "Other processes (cores)", "Load avg",
-                                 "Rounds"], rows)
+                                 "First loss ours / peer", "Other processes (cores)",
+                                 "Load avg", "Rounds"], rows)
   phase_table = C.markdown_table(["Method", "Side", "Forward", "Backward", "Optimizer"],
                                  phase_rows)
   return f"{main_table}\n\nPer phase (median [min, max] over rounds):\n\n{phase_table}"
 
 
+def plan_methods(model_arg: str, methods_arg: str | None) -> dict[str, list[str]]:
+  """``{model: [method, ...]}`` to run; raises SystemExit naming what cannot run.
+
+  ``--methods`` (comma-separated; default: each model's own) is filtered per
+  model under ``--model all``; for one model a method it lacks is an error.
+  """
+  if model_arg != "all" and model_arg not in MODELS:
+    raise SystemExit(f"--model {model_arg!r}: choose from {sorted(MODELS)} or 'all'.")
+  names = list(MODELS) if model_arg == "all" else [model_arg]
+  wanted = [m for m in (methods_arg or "").split(",") if m]
+  unknown = [m for m in wanted if m not in METHODS]
+  if unknown:
+    raise SystemExit(f"--methods {unknown}: unknown (known: {list(METHODS)}).")
+  plan = {}
+  for name in names:
+    supported = MODELS[name][1]
+    chosen = [m for m in wanted if m in supported] if wanted else list(supported)
+    if model_arg != "all" and len(chosen) < len(wanted):
+      raise SystemExit(f"--model {name} has no {sorted(set(wanted) - set(chosen))} rows "
+                       f"(it has {list(supported)}).")
+    if chosen:
+      plan[name] = chosen
+  if not plan:
+    raise SystemExit(f"No model has the methods {wanted}.")
+  return plan
+
+
+def merge_results(existing: dict | None, existing_md: str | None,
+                  blocks: dict[str, dict]) -> tuple[dict, str]:
+  """peer.json / peer.md holding ``blocks`` (model -> result) and the other models' old ones.
+
+  A file from before the per-model layout is SmolLM2's block (its text: the
+  old peer.md).
+  """
+  old = {}
+  if existing and "models" in existing:
+    old = dict(existing["models"])
+  elif existing:
+    old = {"smollm2": dict(existing, text=(existing_md or "").strip())}
+  old.update(blocks)
+  ordered = {name: old[name] for name in [*MODELS, *sorted(set(old) - set(MODELS))]
+             if name in old}
+  text = "\n\n".join(f"## {MODELS.get(name, (name,))[0]}\n\n{block['text'].strip()}"
+                      for name, block in ordered.items())
+  return {"models": ordered}, text + "\n"
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON)
-  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--model", default="smollm2",
+                      help=f"{', '.join(MODELS)} or all (default smollm2)")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated subset of lora,full,qlora (default: the model's own; "
+                           "gemma3-270m has lora,qlora)")
   parser.add_argument("--batch", type=int, default=4)
   parser.add_argument("--seq-len", type=int, default=128)
   parser.add_argument("--warmup", type=int, default=2)
@@ -404,30 +576,42 @@ def main() -> None:
   parser.add_argument("--ours", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--hf-dir", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--windows", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--prepare", default=None, help=argparse.SUPPRESS)
   args = parser.parse_args()
   if args.quick:
     args.warmup, args.timed, args.rounds, args.retries = 1, 2, 1, 0
+  if args.prepare:  # a child: the parent stays small while the sides run
+    prepare(pathlib.Path(args.prepare), args.batch, args.seq_len, args.warmup + args.timed,
+            args.model)
+    return
   if args.peer or args.ours:
     args.method = args.peer or args.ours
     (peer_child if args.peer else ours_child)(args)
     return
+  plan = plan_methods(args.model, args.methods)
   if not pathlib.Path(args.peer_python).exists():
     sys.exit(f"No peer interpreter at {args.peer_python} (needs torch, transformers, peft, "
              "bitsandbytes); pass --peer-python.")
-  methods = [m for m in args.methods.split(",") if m]
-  rounds = {m: [] for m in methods}
+  rounds = {name: {m: [] for m in methods} for name, methods in plan.items()}
   with tempfile.TemporaryDirectory() as tmp:
-    workdir = pathlib.Path(tmp)
-    prepare(workdir, args.batch, args.seq_len, args.warmup + args.timed)
+    for name in plan:
+      print(f"preparing {name} (windows, Hugging Face directory) ...", flush=True)
+      subprocess.run([sys.executable, __file__, "--prepare", str(pathlib.Path(tmp) / name),
+                      "--model", name, "--batch", str(args.batch), "--seq-len", str(args.seq_len),
+                      "--warmup", str(args.warmup), "--timed", str(args.timed)], check=True)
     for r in range(args.rounds):
-      for method in methods:
-        pair = run_round(args, method, workdir, peer_first=bool(r % 2))
-        rounds[method].append(pair)
-        print("PAIR " + json.dumps({"round": r, "method": method, **pair}), flush=True)
-        print(f"round {r} {method}: ours {pair['ours'].get('tokens_per_s', pair['ours'].get('error'))}"
-              f" tok/s, peer {pair['peer'].get('tokens_per_s', pair['peer'].get('error'))} tok/s, "
-              f"other processes {pair['foreign_load']:.2f} cores, load avg "
-              f"{pair['max_load']:.2f}{' (noisy)' if pair['noisy'] else ''}", flush=True)
+      for name, methods in plan.items():
+        for method in methods:
+          pair = run_round(args, method, pathlib.Path(tmp) / name, peer_first=bool(r % 2),
+                           model=name)
+          rounds[name][method].append(pair)
+          print("PAIR " + json.dumps({"round": r, "model": name, "method": method, **pair}),
+                flush=True)
+          print(f"round {r} {name} {method}: ours "
+                f"{pair['ours'].get('tokens_per_s', pair['ours'].get('error'))} tok/s, peer "
+                f"{pair['peer'].get('tokens_per_s', pair['peer'].get('error'))} tok/s, "
+                f"other processes {pair['foreign_load']:.2f} cores, load avg "
+                f"{pair['max_load']:.2f}{' (noisy)' if pair['noisy'] else ''}", flush=True)
   sys.path.insert(0, str(HERE))
   import _common as C  # pylint: disable=import-outside-toplevel
   machine = C.machine_info()
@@ -436,16 +620,26 @@ def main() -> None:
        "print(f'torch {torch.__version__}, peft {peft.__version__}, transformers "
        "{transformers.__version__}, bitsandbytes {b.__version__}')"],
       capture_output=True, text=True, check=False).stdout.strip()
-  summary = summarize(rounds)
-  text = (f"SmolLM2-135M, float32, batch {args.batch} x {args.seq_len}, LoRA q_proj,v_proj r=8, "
-          f"AdamW; {args.warmup} warm-up + {args.timed} timed steps per child, {args.rounds} "
-          f"interleaved round(s), {args.threads} threads per side, foreign-load limit {args.max_foreign} cores."
-          f"\n\n{tables(summary)}\n\nMachine: {C.machine_line(machine)} Peer: {machine['peer']}.")
-  print(text)
+  blocks = {}
+  for name in plan:
+    summary = summarize(rounds[name])
+    ours = (" Ours: the NNX model, `nnx.jit` step, tied head fused into a chunked cross-entropy."
+            if name == "gemma3-270m" else "")
+    text = (f"{MODELS[name][0]}, float32, batch {args.batch} x {args.seq_len}, LoRA "
+            f"q_proj,v_proj r=8, AdamW; {args.warmup} warm-up + {args.timed} timed steps per "
+            f"child, {args.rounds} interleaved round(s), {args.threads} threads per side, foreign-"
+            f"load limit {args.max_foreign} cores.{ours}\n\n{tables(summary)}\n\nMachine: "
+            f"{C.machine_line(machine)} Peer: {machine['peer']}.")
+    print(f"\n## {MODELS[name][0]}\n\n{text}")
+    blocks[name] = {"machine": machine, "args": vars(args), "summary": summary,
+                    "rounds": rounds[name], "text": text}
   if not args.quick:
-    C.write_json(C.RESULTS / "peer.json", {"machine": machine, "args": vars(args),
-                                           "summary": summary, "rounds": rounds})
-    (C.RESULTS / "peer.md").write_text(text + "\n")
+    json_path, md_path = C.RESULTS / "peer.json", C.RESULTS / "peer.md"
+    existing = json.loads(json_path.read_text()) if json_path.exists() else None
+    existing_md = md_path.read_text() if md_path.exists() else None
+    merged, text = merge_results(existing, existing_md, blocks)
+    C.write_json(json_path, merged)
+    md_path.write_text(text)
 
 
 if __name__ == "__main__":

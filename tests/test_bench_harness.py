@@ -88,5 +88,52 @@ def test_machine_counters_move_with_our_own_work():
   assert bench_peer._machine_busy_s() - busy0 >= 0.2  # our own CPU time is machine busy time
 
 
+def test_gemma_rows_run_their_own_model_and_methods(monkeypatch):
+  argvs = []
+  monkeypatch.setattr(bench_peer, "_run_child",
+                      lambda python, argv, threads, timeout: argvs.append(argv) or
+                      _child(100.0, 2**30, 0.5))
+  args = types.SimpleNamespace(warmup=1, timed=2, retries=0, threads=2, timeout=10,
+                               peer_python="py", max_foreign=0.25, cool_down=0)
+  bench_peer.run_round(args, "qlora", pathlib.Path("/w"), peer_first=False, model="gemma3-270m")
+  assert [a[:3] for a in argvs] == [["--ours", "qlora", "--model"], ["--peer", "qlora", "--hf-dir"]]
+  assert all(a[a.index("--model") + 1] == "gemma3-270m" for a in argvs)
+  plan = bench_peer.plan_methods
+  assert plan("smollm2", None) == {"smollm2": ["lora", "full", "qlora"]}
+  assert plan("gemma3-270m", None) == {"gemma3-270m": ["lora", "qlora"]}
+  assert plan("all", "full,lora") == {"smollm2": ["full", "lora"], "gemma3-270m": ["lora"]}
+  with pytest.raises(SystemExit, match="no \\['full'\\] rows"):
+    plan("gemma3-270m", "lora,full")
+  with pytest.raises(SystemExit, match="unknown"):
+    plan("all", "dora")
+  with pytest.raises(SystemExit, match="choose from"):
+    plan("llama", None)
+
+
+def test_first_step_losses_are_shown_side_by_side():
+  ours, peer = _child(200.0, 1000, 0.5), _child(100.0, 2000, 0.5)
+  ours["losses"], peer["losses"] = [3.12346, 3.0], [3.12351, 3.0]
+  pair = {"ours": ours, "peer": peer, "max_load": 0.5, "noisy": False}
+  text = bench_peer.tables(bench_peer.summarize({"lora": [pair]}))
+  assert "| 3.1235 / 3.1235 |" in text
+  assert "| n/a |" in bench_peer.tables(bench_peer.summarize(
+      {"lora": [{"ours": _child(1.0, 1, 0.5), "peer": _child(1.0, 1, 0.5), "max_load": 0.5,
+                 "noisy": False}]}))
+
+
+def test_results_keep_other_models_blocks():
+  legacy = {"machine": {}, "results": {"lora": 1}}  # the file before per-model blocks
+  merged, text = bench_peer.merge_results(legacy, "old smollm2 table\n",
+                                          {"gemma3-270m": {"text": "gemma table", "summary": {}}})
+  assert list(merged["models"]) == ["smollm2", "gemma3-270m"]
+  assert merged["models"]["smollm2"]["results"] == {"lora": 1}
+  assert text == "## SmolLM2-135M\n\nold smollm2 table\n\n## Gemma 3 270M\n\ngemma table\n"
+  again, text = bench_peer.merge_results(merged, text, {"smollm2": {"text": "new smollm2"}})
+  assert again["models"]["gemma3-270m"]["text"] == "gemma table"
+  assert text.startswith("## SmolLM2-135M\n\nnew smollm2\n\n## Gemma 3 270M")
+  fresh, text = bench_peer.merge_results(None, None, {"gemma3-270m": {"text": "g"}})
+  assert list(fresh["models"]) == ["gemma3-270m"] and text == "## Gemma 3 270M\n\ng\n"
+
+
 if __name__ == "__main__":
   pytest.main([__file__])

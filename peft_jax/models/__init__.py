@@ -2,6 +2,8 @@
 
 from peft_jax.models.gemma3 import Gemma3Config, Gemma3ForCausalLM, gemma3_from_params, gemma3_params
 from peft_jax.models.gemma3_checkpoint import gemma3_config_from_gguf, load_gemma3_gguf, load_gemma3_hf
+from peft_jax.models.gemma3_export import save_gemma3_hf
+from peft_jax.models.gemma3_loss import gemma3_lm_loss
 from peft_jax.models.gguf import llama_config_from_gguf, load_gguf
 from peft_jax.models.hf_checkpoint import load_hf_checkpoint, save_hf_checkpoint
 from peft_jax.models.pretrained import PretrainedLlama, load_smollm2, smollm2_gguf_path
@@ -26,10 +28,12 @@ __all__ = [
     "gemma3_270m_gguf_path",
     "gemma3_config_from_gguf",
     "gemma3_from_params",
+    "gemma3_lm_loss",
     "gemma3_params",
     "load_gemma3_270m",
     "load_gemma3_gguf",
     "load_gemma3_hf",
+    "save_gemma3_hf",
     "PretrainedLlama",
     "PretrainedTokenizer",
     "llama_config_from_gguf",

@@ -11,7 +11,9 @@ itself is trained). The backward pass just scales the saved ``dh`` (and
 ``dW``) by the loss's cotangent: no logits are kept for it and none are
 recomputed. Peak memory holds one chunk of logits instead of several
 ``(tokens, vocab)`` buffers (logits, log-softmax, its gradient, the one-hot
-scatter), and the flops are those of the plain head.
+scatter), and the flops are those of the plain head. A final logit
+softcapping ``c * tanh(z / c)`` (Gemma's) is applied to each chunk, its
+derivative ``1 - tanh(z / c)**2`` folded into that chunk's gradient.
 
 The idea is that of fused linear cross-entropy kernels (Liger-Kernel's
 ``LigerFusedLinearCrossEntropy``; Wijmans et al., "Cut Your Losses in
@@ -35,12 +37,13 @@ __all__ = ["DEFAULT_CHUNK_TOKENS", "linear_cross_entropy"]
 DEFAULT_CHUNK_TOKENS = 128
 
 
-def _logits(h, weight, vocab_axis, dtype):
-  """``h @ W`` in ``dtype`` (as the model computes it), then float32."""
+def _logits(h, weight, vocab_axis, dtype, softcap):
+  """``h @ W`` in ``dtype`` (as the model computes it), then float32 (and softcapped)."""
   contract = 1 - vocab_axis
   z = jax.lax.dot_general(h.astype(dtype), weight.astype(dtype),
                           (((1,), (contract,)), ((), ())))
-  return z.astype(jnp.float32)
+  z = z.astype(jnp.float32)
+  return z if softcap is None else jnp.tanh(z / softcap) * softcap
 
 
 def _chunked(x, chunk):
@@ -51,31 +54,31 @@ def _chunked(x, chunk):
   return x.reshape((-1, chunk) + x.shape[1:])
 
 
-def _chunk_loss(h, y, w, weight, vocab_axis, dtype):
-  z = _logits(h, weight, vocab_axis, dtype)
+def _chunk_loss(h, y, w, weight, vocab_axis, dtype, softcap):
+  z = _logits(h, weight, vocab_axis, dtype, softcap)
   lse = jax.nn.logsumexp(z, axis=-1)
   zy = jnp.take_along_axis(z, y[:, None], axis=-1)[:, 0]
   return z, lse, jnp.sum(w * (lse - zy))
 
 
-def _sum_loss(hidden, weight, labels, weights, vocab_axis, dtype, chunk):
+def _sum_loss(hidden, weight, labels, weights, vocab_axis, dtype, chunk, softcap):
   """``sum_t w_t CE_t`` without gradients (the primal, e.g. for evaluation)."""
 
   def body(total, xs):
     h, y, w = xs
-    return total + _chunk_loss(h, y, w, weight, vocab_axis, dtype)[2], None
+    return total + _chunk_loss(h, y, w, weight, vocab_axis, dtype, softcap)[2], None
 
   xs = (_chunked(hidden, chunk), _chunked(labels, chunk), _chunked(weights, chunk))
   total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), xs)
   return total
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6))
-def _fused(hidden, weight, labels, weights, vocab_axis, dtype, chunk):
-  return _sum_loss(hidden, weight, labels, weights, vocab_axis, dtype, chunk)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7))
+def _fused(hidden, weight, labels, weights, vocab_axis, dtype, chunk, softcap):
+  return _sum_loss(hidden, weight, labels, weights, vocab_axis, dtype, chunk, softcap)
 
 
-def _fused_fwd(hidden, weight, labels, weights, vocab_axis, dtype, chunk):
+def _fused_fwd(hidden, weight, labels, weights, vocab_axis, dtype, chunk, softcap):
   want_dweight = weight.perturbed
   hidden, weight, labels, weights = hidden.value, weight.value, labels.value, weights.value
   vocab = weight.shape[vocab_axis]
@@ -83,8 +86,10 @@ def _fused_fwd(hidden, weight, labels, weights, vocab_axis, dtype, chunk):
   def body(carry, xs):
     total, dweight = carry
     h, y, w = xs
-    z, lse, loss = _chunk_loss(h, y, w, weight, vocab_axis, dtype)
+    z, lse, loss = _chunk_loss(h, y, w, weight, vocab_axis, dtype, softcap)
     g = jnp.exp(z - lse[:, None]) - jax.nn.one_hot(y, vocab, dtype=jnp.float32)
+    if softcap is not None:  # d(c tanh(u / c)) / du = 1 - tanh(u / c)**2
+      g = g * (1.0 - jnp.square(z / softcap))
     g = (g * w[:, None]).astype(dtype)
     dh = jax.lax.dot_general(g, weight.astype(dtype), (((1,), (vocab_axis,)), ((), ())),
                              preferred_element_type=jnp.float32)
@@ -104,8 +109,8 @@ def _fused_fwd(hidden, weight, labels, weights, vocab_axis, dtype, chunk):
   return total, (dh, dweight.astype(weight.dtype) if want_dweight else None)
 
 
-def _fused_bwd(vocab_axis, dtype, chunk, residuals, ct):
-  del vocab_axis, dtype, chunk
+def _fused_bwd(vocab_axis, dtype, chunk, softcap, residuals, ct):
+  del vocab_axis, dtype, chunk, softcap
   dh, dweight = residuals
   scale = lambda x: None if x is None else (ct * x).astype(x.dtype)
   # The labels are integers and the mask is data: no cotangent for either.
@@ -117,8 +122,8 @@ _fused.defvjp(_fused_fwd, _fused_bwd, symbolic_zeros=True)
 
 def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array,
                          mask: jax.Array | None = None, *, vocab_axis: int = 1,
-                         dtype: Any = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS
-                         ) -> jax.Array:
+                         dtype: Any = None, chunk_tokens: int = DEFAULT_CHUNK_TOKENS,
+                         softcap: float | None = None) -> jax.Array:
   """Mean token cross-entropy of the logits ``hidden @ W``, in float32.
 
   Args:
@@ -132,6 +137,9 @@ def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array
       ``hidden.dtype``. The logits are cast to float32 after it, as
       ``LlamaForCausalLM`` does.
     chunk_tokens: tokens per chunk.
+    softcap: ``c`` of a final logit softcapping ``c * tanh(logits / c)``
+      (Gemma's ``final_logit_softcapping``), applied to the float32 logits;
+      ``None``: none.
 
   Returns:
     Scalar: the mean over counted tokens (0 when none count), as
@@ -153,7 +161,8 @@ def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array
   else:
     weights = mask.reshape(-1).astype(jnp.float32)
   chunk = max(1, min(int(chunk_tokens), flat_y.shape[0]))
-  total = _fused(flat_h, weight, flat_y, weights, vocab_axis, dtype, chunk)
+  softcap = None if softcap is None else float(softcap)
+  total = _fused(flat_h, weight, flat_y, weights, vocab_axis, dtype, chunk, softcap)
   if mask is None:
     return total / flat_y.shape[0]
   return total / jnp.maximum(jnp.sum(weights), 1.0)
