@@ -409,14 +409,7 @@ class _Interceptor:
 
   @staticmethod
   def _conv(module: nn.Conv, x, lora_a):
-    if module.feature_group_count != 1:
-      raise ValueError(f"LoRA on grouped convolutions is not supported ({module_path(module)!r}).")
-    conv = nn.Conv(
-        features=lora_a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
-        padding=module.padding, input_dilation=module.input_dilation,
-        kernel_dilation=module.kernel_dilation, use_bias=False, dtype=lora_a.dtype,
-        param_dtype=lora_a.dtype, precision=module.precision, parent=None)
-    return conv.apply({"params": {"kernel": lora_a}}, x)
+    return terms.conv_with(module, x, lora_a, module_path(module))
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ kernel's layout, and :func:`dora_output` recombines a DoRA output::
 
 from __future__ import annotations
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -45,3 +46,19 @@ def dora_output(base_out, x_w0, lora, *, kernel, lora_a, lora_b, magnitude, scal
   mul = lambda y, v: jnp.einsum(f"{y_sub},{out_sub}->{y_sub}", y, v)
   extra = mul(x_w0.astype(dtype), g - 1) + mul(scale * lora, g)
   return base_out + extra.astype(base_out.dtype)
+
+
+def conv_with(module, x, kernel, path: str):
+  """``module``'s convolution (linen or NNX ``Conv``) of ``x`` with another ``kernel``.
+
+  Used for LoRA's ``A`` (``kernel`` of ``kernel_size + (in, r)``) and for DoRA's
+  ``x * W0``. Grouped or masked convolutions are refused, naming ``path``.
+  """
+  if module.feature_group_count != 1 or getattr(module, "mask", None) is not None:
+    raise ValueError(f"LoRA on grouped or masked convolutions is not supported ({path!r}).")
+  conv = nn.Conv(
+      features=kernel.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
+      padding=module.padding, input_dilation=module.input_dilation,
+      kernel_dilation=module.kernel_dilation, use_bias=False, dtype=kernel.dtype,
+      param_dtype=kernel.dtype, precision=module.precision, parent=None)
+  return conv.apply({"params": {"kernel": kernel}}, x)

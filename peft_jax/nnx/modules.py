@@ -262,14 +262,7 @@ def _leaf(module, name):
 
 
 def _lora_conv(module, x, lora_a):
-  if module.feature_group_count != 1 or module.mask is not None:
-    raise ValueError(f"LoRA on grouped or masked convolutions is not supported ({module.lora_path!r}).")
-  conv = nn.Conv(
-      features=lora_a.shape[-1], kernel_size=module.kernel_size, strides=module.strides,
-      padding=module.padding, input_dilation=module.input_dilation,
-      kernel_dilation=module.kernel_dilation, use_bias=False, dtype=lora_a.dtype,
-      param_dtype=lora_a.dtype, precision=module.precision, parent=None)
-  return conv.apply({"params": {"kernel": lora_a}}, x)
+  return terms.conv_with(module, x, lora_a, module.lora_path)
 
 
 def adapted_call(module, base_call, args, kwargs):
