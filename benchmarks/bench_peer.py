@@ -3,8 +3,9 @@
 The same model (our GGUF-loaded params, written once as a Hugging Face
 safetensors directory that `AutoModelForCausalLM.from_pretrained` reads),
 the same token windows (4 x 128 from the shipped Shakespeare, cut from the
-model's own tokenization), the same LoRA (q_proj, v_proj, r=8, alpha=16,
-float32), AdamW, and the same warm-up and timed steps. Two models
+model's own tokenization; Gemma's each start with `<bos>`), the same LoRA
+(q_proj, v_proj, r=8, alpha=16, float32), AdamW, and the same warm-up and
+timed steps. Two models
 (`--model smollm2` (default), `gemma3-270m` or `all`):
 
 * SmolLM2-135M (linen), three methods:
@@ -351,11 +352,11 @@ def prepare(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: int,
                                    params_scanned_to_unrolled(model.params))
 
 
-def _windows(tokens, batch: int, seq_len: int, n_windows: int):
+def _windows(tokens, batch: int, seq_len: int, n_windows: int, bos_id: int | None = None):
   import numpy as np  # pylint: disable=import-outside-toplevel
   from peft_jax import data  # pylint: disable=import-outside-toplevel
   windows = [np.concatenate([x, y[:, -1:]], axis=1) for x, y in data.batches(
-      tokens, batch, seq_len, seed=1, split="train", num_batches=n_windows)]
+      tokens, batch, seq_len, seed=1, split="train", num_batches=n_windows, bos_id=bos_id)]
   return np.stack(windows).astype(np.int32)
 
 
@@ -365,8 +366,11 @@ def _prepare_gemma(workdir: pathlib.Path, batch: int, seq_len: int, n_windows: i
   from peft_jax import data  # pylint: disable=import-outside-toplevel
   from peft_jax.models import gemma3_params, load_gemma3_270m, save_gemma3_hf  # pylint: disable=import-outside-toplevel
   gemma = load_gemma3_270m()
-  tokens = np.asarray(gemma.tokenizer.encode(data.load_text(None)), np.int32)
-  np.save(workdir / "windows.npy", _windows(tokens, batch, seq_len, n_windows))
+  # Each window starts with <bos> (as transformers' tokenizer gives Gemma every text); both
+  # sides read these windows.
+  tokens = np.asarray(gemma.tokenizer.encode(data.load_text(None), add_bos=False), np.int32)
+  bos = data.window_bos(gemma.tokenizer)
+  np.save(workdir / "windows.npy", _windows(tokens, batch, seq_len, n_windows, bos))
   save_gemma3_hf(workdir / "hf", gemma.config, gemma3_params(gemma.model))
 
 

@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from peft_jax.data import ByteTokenizer, batches, load_text
+from peft_jax.data import ByteTokenizer, batches, load_text, window_bos
 
 
 def test_shipped_text_is_the_plays_without_gutenberg_boilerplate():
@@ -108,6 +108,32 @@ def test_batches_on_the_shipped_text():
     inputs, labels = next(batches(tokens, 2, 64, seed=0, split="eval"))
     assert inputs.shape == (2, 64)
     np.testing.assert_array_equal(inputs[:, 1:], labels[:, :-1])
+
+
+def test_batches_with_bos_start_every_example_with_it():
+    tokens = np.arange(10, 1000, dtype=np.int32)
+    for split in ("train", "eval"):
+        inputs, labels = next(batches(tokens, 4, 16, seed=0, split=split, bos_id=2))
+        assert inputs.shape == labels.shape == (4, 16)
+        assert (inputs[:, 0] == 2).all() and (labels >= 10).all()
+        # After <bos>: seq_len consecutive stream tokens, the first one a label.
+        np.testing.assert_array_equal(inputs[:, 1:], labels[:, :-1])
+        np.testing.assert_array_equal(np.diff(labels, axis=1), 1)
+    # The window is seq_len stream tokens: 11 tokens hold exactly two of 10.
+    starts = {int(y[0, 0]) for _, y in batches(
+        np.arange(12), 1, 10, seed=0, eval_fraction=0.1, num_batches=64, bos_id=5)}
+    assert starts == {0, 1}
+
+
+def test_window_bos_follows_add_bos_token():
+    class Adds:
+        bos_token_id, add_bos_token = 7, True
+
+    class DoesNot:
+        bos_token_id, add_bos_token = 7, False
+
+    assert window_bos(Adds()) == 7
+    assert window_bos(DoesNot()) is None and window_bos(ByteTokenizer()) is None
 
 
 @pytest.mark.parametrize(

@@ -235,6 +235,9 @@ class TestSmolLM2Tokenizer:
             == "<|im_end|>"
         )
         assert smollm2_tokenizer.encode("<|im_start|>user").tolist()[0] == 1
+        # As its Hugging Face tokenizer: no <bos> added, so training windows get none.
+        assert not smollm2_tokenizer.add_bos_token
+        assert smollm2_tokenizer.encode("To be")[0] != smollm2_tokenizer.bos_token_id
         assert smollm2_tokenizer.chat_template.startswith(
             "{% for message in messages %}"
         )

