@@ -273,12 +273,7 @@ def ours_gemma_child(args) -> None:
   def loss_fn(m, inputs, labels):
     return gemma3_lm_loss(m, inputs, labels)
 
-  @nnx.jit
-  def train_step(model, optimizer, inputs, labels):
-    loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model, inputs, labels)
-    optimizer.update(model, grads)
-    return loss
-
+  train_step = gemma_train_step()
   windows, seconds, losses = _timed_steps(
       args, lambda i, inputs, labels: train_step(model, optimizer, inputs, labels))
   peak_rss = _peak_rss()  # before the phase programs below add their own buffers
@@ -296,6 +291,29 @@ def ours_gemma_child(args) -> None:
           "forward_backward": lambda: forward_backward(model, inputs, labels),
           "optimizer": lambda: update(optimizer, model, grads)}
   _report(args, seconds, losses, _time_phases(jax, runs, args.timed), peak_rss, load_start)
+
+
+def gemma_train_step():
+  """Our Gemma child's step, ``step(model, optimizer, inputs, labels) -> loss`` (``nnx.jit``).
+
+  The model and the optimizer are donated: ``nnx.jit`` returns every variable
+  of its graph arguments, the frozen base included, so without donation each
+  step wrote a second copy of the whole model (270M LoRA, 4 x 128:
+  ``memory_analysis`` args 1027 MiB, output 1027 MiB, aliased 0; peak RSS
+  after 2 steps 4,370 MiB, 2,338 MiB donated).
+  """
+  from flax import nnx  # pylint: disable=import-outside-toplevel
+  import peft_jax as pj  # pylint: disable=import-outside-toplevel
+  from peft_jax.models import gemma3_lm_loss  # pylint: disable=import-outside-toplevel
+  diff = nnx.DiffState(0, pj.nnx.Adapter)
+
+  def train_step(model, optimizer, inputs, labels):
+    loss_fn = lambda m: gemma3_lm_loss(m, inputs, labels)
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=diff)(model)
+    optimizer.update(model, grads)
+    return loss
+
+  return nnx.jit(train_step, donate_argnames=("model", "optimizer"))
 
 
 def _timed_steps(args, run_step):
