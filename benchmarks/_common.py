@@ -7,6 +7,7 @@
   ``step_bytes = arguments + temporaries + outputs - aliased``.
 * :func:`flops`: ``compiled.cost_analysis()["flops"]``.
 * :func:`peak_rss_subprocess`: peak RSS of a fresh Python subprocess.
+* :func:`merge_model_blocks`: one results file, one block per model.
 * :func:`tree_bytes`, :func:`write_json`, :func:`markdown_table`, :func:`mib`.
 """
 
@@ -206,6 +207,29 @@ def peak_rss_subprocess(argv: Sequence[str], *, timeout: float = 600) -> dict[st
 def write_json(path: pathlib.Path, result: Mapping[str, Any]) -> None:
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text(json.dumps(result, indent=1, default=str) + "\n")
+
+
+def merge_model_blocks(existing: Mapping[str, Any] | None, existing_md: str | None,
+                       blocks: Mapping[str, Mapping[str, Any]], labels: Mapping[str, str]
+                       ) -> tuple[dict, str]:
+  """A results file holding ``blocks`` (model -> result with a ``"text"``) and the others' old ones.
+
+  ``existing`` is the file's JSON; one from before the per-model layout (no
+  ``"models"`` key) is the first model's block, its text the old markdown.
+  Blocks are ordered as ``labels``, then unknown models by name; the
+  markdown has one ``## <label>`` section per block.
+  """
+  old = {}
+  if existing and "models" in existing:
+    old = dict(existing["models"])
+  elif existing:
+    old = {next(iter(labels)): dict(existing, text=(existing_md or "").strip())}
+  old.update(blocks)
+  ordered = {name: old[name] for name in [*labels, *sorted(set(old) - set(labels))]
+             if name in old}
+  text = "\n\n".join(f"## {labels.get(name, name)}\n\n{block['text'].strip()}"
+                      for name, block in ordered.items())
+  return {"models": ordered}, text + "\n"
 
 
 def mib(b: float | None) -> str:

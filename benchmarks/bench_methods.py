@@ -17,11 +17,20 @@ Shakespeare excerpt) and the same batches:
 
 each also as a ratio to full fine-tuning from the same run. Adapters are
 rank 8, alpha 16 on every linear layer; GaLore rank 64; LISA 2 layers; every
-method at its CLI default learning rate. Writes `benchmarks/results/methods.json`
-and `methods.md`. Usage::
+method at its CLI default learning rate.
 
-    python benchmarks/bench_methods.py            # SmolLM2, ~10-15 min on 2 cores
-    python benchmarks/bench_methods.py --quick    # tiny model, ~2 min, writes nothing
+Two models (`--model smollm2` (default), `gemma3-270m` or `all`): Gemma 3
+270M is loaded and trained through the command line's own path
+(`peft_jax.cli.finetune.load_model`: the Flax NNX model behind the linen-style
+`apply` of `peft_jax.cli.gemma`), so its rows are what `peft-jax finetune
+--model gemma3-270m --method M` runs. Writes `benchmarks/results/methods.json`
+and `methods.md`, one block per model; a run of one model replaces that
+model's block and keeps the others. Usage::
+
+    python benchmarks/bench_methods.py                      # SmolLM2, ~10-15 min on 2 cores
+    python benchmarks/bench_methods.py --model gemma3-270m  # Gemma 3 270M
+    python benchmarks/bench_methods.py --model all
+    python benchmarks/bench_methods.py --quick    # tiny model (gemma3-tiny for Gemma), writes nothing
 """
 
 from __future__ import annotations
@@ -43,6 +52,8 @@ from peft_jax.cli import finetune as ft  # noqa: E402
 from peft_jax.models import LlamaConfig, init_params  # noqa: E402
 
 METHODS = ("full", "lora", "dora", "qlora", "loraplus", "galore", "lisa", "adalora")
+# --model -> (label of its block, the model --quick runs instead)
+MODELS = {"smollm2": ("SmolLM2-135M", "tiny"), "gemma3-270m": ("Gemma 3 270M", "gemma3-tiny")}
 
 
 def hyperparameters(steps: int) -> ft.Hyperparameters:
@@ -52,9 +63,13 @@ def hyperparameters(steps: int) -> ft.Hyperparameters:
 
 
 def load(model_name: str) -> ft.LoadedModel:
-  """SmolLM2 (or, when missing, the random-init bench model) or the tiny model."""
-  if model_name == "tiny":
-    return ft.load_model("tiny")
+  """SmolLM2 (or, when missing, the random-init bench model); any other model as the CLI loads it.
+
+  Raises:
+    CliError: Gemma 3 270M is not installed.
+  """
+  if model_name != "smollm2":  # tiny, gemma3-270m, gemma3-tiny: the CLI's own loader
+    return ft.load_model(model_name)
   try:
     return ft.load_model("smollm2")
   except ft.CliError as error:
@@ -70,9 +85,10 @@ def child(args) -> None:
   Method ``"none"`` only loads the model and tokens: the floor every method
   shares.
   """
-  model = load(args.model)
+  model = load(run_model(args.model, args.quick))
   tokens = ft.load_tokens(model, None)
-  result = {"method": args.child, "rss_after_load_bytes": C.peak_rss_self()}
+  result = {"method": args.child, "model": model.name,
+            "rss_after_load_bytes": C.peak_rss_self()}
   if args.child != "none":
     hp = dataclasses.replace(hyperparameters(2), method=args.child,
                                 lr=ft.DEFAULT_LR[args.child])
@@ -92,15 +108,25 @@ def child(args) -> None:
   print(json.dumps(result))
 
 
-def rss_per_method(args, methods) -> dict[str, dict]:
-  """Peak RSS of a fresh subprocess per method (and of loading alone, ``"none"``)."""
+def run_model(model: str, quick: bool) -> str:
+  """The model a ``--model`` run loads: its small stand-in under ``--quick``."""
+  return MODELS[model][1] if quick else model
+
+
+def rss_per_method(args, name: str, methods) -> dict[str, dict]:
+  """Peak RSS of a fresh subprocess per method (and of loading alone, ``"none"``).
+
+  One child at a time, each started from this (small) process.
+  """
   out = {}
   for method in ("none", *methods):
-    argv = [__file__, "--child", method, "--batch", str(args.batch),
+    argv = [__file__, "--child", method, "--model", name, "--batch", str(args.batch),
             "--seq-len", str(args.seq_len)] + (["--quick"] if args.quick else [])
     try:
       out[method] = C.peak_rss_subprocess(argv, timeout=900)
     except RuntimeError as error:
+      if method == "none":  # the model itself does not load: every child would fail alike
+        raise SystemExit(f"bench_methods: {name} does not load in a child:\n{error}") from None
       out[method] = {"error": str(error)[-500:]}
     print(f"  rss {method}: {C.mib(out[method].get('peak_rss_bytes'))}", flush=True)
   return out
@@ -121,25 +147,23 @@ def rss_table(rows, rss) -> str:
   return table + f"\n\nLoading the model and tokens alone peaks at {C.mib(floor)}."
 
 
-def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--quick", action="store_true", help="tiny model, 3 steps, no RSS")
-  parser.add_argument("--steps", type=int, default=8)
-  parser.add_argument("--batch", type=int, default=4)
-  parser.add_argument("--seq-len", type=int, default=64)
-  parser.add_argument("--eval-batches", type=int, default=4)
-  parser.add_argument("--methods", default=",".join(METHODS))
-  parser.add_argument("--no-rss", action="store_true")
-  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
-  parser.add_argument("--out", default=None, help="results stem (default results/methods)")
-  args = parser.parse_args(argv)
-  args.model = "tiny" if args.quick else "smollm2"
-  if args.child:
-    child(args)
-    return
+def measure(args, name: str) -> dict:
+  """One model's block: the interleaved comparison and (unless ``--quick``) peak RSS.
+
+  The RSS children run first, one at a time, while this process holds no
+  model: the machine never carries the comparison's eight train states and a
+  child at once.
+  """
   steps = 3 if args.quick else args.steps
   methods = [m for m in args.methods.split(",") if m]
-  model = load(args.model)
+  load_start = C.machine_info()["load_average_1_5_15"]
+  rss = {}
+  if not (args.quick or args.no_rss):
+    rss = rss_per_method(args, name, methods)
+  try:
+    model = load(run_model(name, args.quick))
+  except ft.CliError as error:
+    raise SystemExit(f"bench_methods: {error}") from None
   tokens = ft.load_tokens(model, None)
   print(f"bench_methods: {model.name}, {len(methods)} methods x {steps} steps of "
         f"{args.batch} x {args.seq_len}", flush=True)
@@ -149,28 +173,84 @@ def main(argv=None) -> None:
   rows = compare_lib.compare_methods(model, tokens, methods, hyperparameters(steps),
                                      batch=args.batch, seq_len=args.seq_len, steps=steps,
                                      eval_batches=args.eval_batches)
-  model_name = model.name
-  del model
-  rss = {} if (args.quick or args.no_rss) else rss_per_method(args, methods)
-  table = compare_lib.comparison_table(rows)
-  machine = C.machine_info()
-  md = [f"Model: {model_name}; {steps} steps of {args.batch} x {args.seq_len} "
-        f"tokens per method, interleaved; held-out loss of the base model before "
-        f"training: {base_loss:.3f}. Ratios (in brackets) are over full fine-tuning.", "",
-        table]
-  if rss:
-    md += ["", rss_table(rows, rss)]
-  md += ["", "Machine: " + C.machine_line(machine)]
-  text = "\n".join(md)
-  print(text)
-  if args.out or not args.quick:
-    stem = pathlib.Path(args.out) if args.out else C.RESULTS / "methods"
-    C.write_json(stem.with_suffix(".json"), {
-        "machine": machine, "model": args.model, "steps": steps, "batch": args.batch,
-        "seq_len": args.seq_len, "eval_loss_base": base_loss,
-        "hyperparameters": dataclasses.asdict(hyperparameters(steps)),
-        "rows": rows, "peak_rss": rss})
-    stem.with_suffix(".md").write_text(text + "\n")
+  block = {"machine": C.machine_info(), "model": model.name, "steps": steps,
+           "batch": args.batch, "seq_len": args.seq_len, "eval_loss_base": base_loss,
+           "load_average_start": load_start,
+           "hyperparameters": dataclasses.asdict(hyperparameters(steps)),
+           "rows": rows, "peak_rss": rss}
+  return {**block, "text": block_text(block)}
+
+
+def block_text(block: dict) -> str:
+  """The markdown of one model's block (from the numbers it keeps)."""
+  md = [f"Model: {block['model']}; {block['steps']} steps of {block['batch']} x "
+        f"{block['seq_len']} tokens per method, interleaved; held-out loss of the base model "
+        f"before training: {block['eval_loss_base']:.3f}. Ratios (in brackets) are over full "
+        "fine-tuning.", "", compare_lib.comparison_table(block["rows"])]
+  if block["peak_rss"]:
+    md += ["", rss_table(block["rows"], block["peak_rss"])]
+    if block.get("rss_machine"):
+      md[-1] += (" The peak RSS children ran after the comparison, in their own run: "
+                 + C.machine_line(block["rss_machine"]))
+  load_start = block.get("load_average_start")
+  start = f" Load average at the start: {load_start[0]:.1f}." if load_start else ""
+  return "\n".join(md + ["", "Machine: " + C.machine_line(block["machine"]) + start])
+
+
+def add_rss(args, name: str, stem: pathlib.Path) -> dict:
+  """``--rss-only``: the peak RSS children for the methods of ``name``'s stored block.
+
+  They run at the block's batch shape, one at a time, and their table joins
+  the block (the comparison is not rerun).
+  """
+  blocks = json.loads(stem.with_suffix(".json").read_text()).get("models", {})
+  if name not in blocks:
+    raise SystemExit(f"bench_methods --rss-only: {stem}.json holds no {name} block to add to.")
+  block = dict(blocks[name])
+  args = argparse.Namespace(**{**vars(args), "batch": block["batch"],
+                               "seq_len": block["seq_len"]})
+  block["peak_rss"] = rss_per_method(args, name, [r["method"] for r in block["rows"]])
+  block["rss_machine"] = C.machine_info()
+  return {**block, "text": block_text(block)}
+
+
+def write_block(stem: pathlib.Path, name: str, block: dict) -> None:
+  """Writes ``name``'s block into ``stem``.json/.md, keeping the other models' blocks."""
+  json_path, md_path = stem.with_suffix(".json"), stem.with_suffix(".md")
+  existing = json.loads(json_path.read_text()) if json_path.exists() else None
+  existing_md = md_path.read_text() if md_path.exists() else None
+  labels = {key: label for key, (label, _) in MODELS.items()}
+  merged, text = C.merge_model_blocks(existing, existing_md, {name: block}, labels)
+  C.write_json(json_path, merged)
+  md_path.write_text(text)
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  parser.add_argument("--model", default="smollm2", choices=[*MODELS, "all"],
+                      help="smollm2 (default), gemma3-270m or all")
+  parser.add_argument("--quick", action="store_true",
+                      help="the model's tiny stand-in (tiny, gemma3-tiny), 3 steps, no RSS")
+  parser.add_argument("--steps", type=int, default=8)
+  parser.add_argument("--batch", type=int, default=4)
+  parser.add_argument("--seq-len", type=int, default=64)
+  parser.add_argument("--eval-batches", type=int, default=4)
+  parser.add_argument("--methods", default=",".join(METHODS))
+  parser.add_argument("--no-rss", action="store_true")
+  parser.add_argument("--rss-only", action="store_true",
+                      help="only the peak RSS children, added to the model's stored block")
+  parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
+  parser.add_argument("--out", default=None, help="results stem (default results/methods)")
+  args = parser.parse_args(argv)
+  if args.child:
+    child(args)
+    return
+  stem = pathlib.Path(args.out) if args.out else C.RESULTS / "methods"
+  for name in (list(MODELS) if args.model == "all" else [args.model]):
+    block = add_rss(args, name, stem) if args.rss_only else measure(args, name)
+    print(f"\n## {MODELS[name][0]}\n\n{block['text']}", flush=True)
+    if args.out or not args.quick:  # each model's block is kept as soon as it is measured
+      write_block(stem, name, block)
 
 
 if __name__ == "__main__":

@@ -559,17 +559,10 @@ def merge_results(existing: dict | None, existing_md: str | None,
   A file from before the per-model layout is SmolLM2's block (its text: the
   old peer.md).
   """
-  old = {}
-  if existing and "models" in existing:
-    old = dict(existing["models"])
-  elif existing:
-    old = {"smollm2": dict(existing, text=(existing_md or "").strip())}
-  old.update(blocks)
-  ordered = {name: old[name] for name in [*MODELS, *sorted(set(old) - set(MODELS))]
-             if name in old}
-  text = "\n\n".join(f"## {MODELS.get(name, (name,))[0]}\n\n{block['text'].strip()}"
-                      for name, block in ordered.items())
-  return {"models": ordered}, text + "\n"
+  sys.path.insert(0, str(HERE))
+  import _common as C  # pylint: disable=import-outside-toplevel  # jax: not in a peer child
+  return C.merge_model_blocks(existing, existing_md, blocks,
+                              {name: label for name, (label, _) in MODELS.items()})
 
 
 def main() -> None:
