@@ -159,7 +159,8 @@ def self_times(xplane: str, names: set[str]) -> tuple[dict, dict]:
   return per_op, per_thread
 
 
-def build(method: str, layers: int, batch: int, seq: int, compiler_options: dict | None = None):
+def build(method: str, layers: int, batch: int, seq: int,
+          compiler_options: dict | None = None):
   """The jitted step, its arguments and the compiled executable (like bench_peer's ours child)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
@@ -192,7 +193,8 @@ def build(method: str, layers: int, batch: int, seq: int, compiler_options: dict
   return compiled, state, base, inputs, labels
 
 
-def profile(method: str, layers: int, steps: int, batch: int = 4, seq: int = 128, hlo_path: str | None = None) -> dict:
+def profile(method: str, layers: int, steps: int, batch: int = 4, seq: int = 128,
+            hlo_path: str | None = None) -> dict:
   import jax  # pylint: disable=import-outside-toplevel
   t0 = time.perf_counter()
   compiled, state, base, inputs, labels = build(method, layers, batch, seq)
