@@ -236,6 +236,25 @@ def test_left_padding_with_shifted_positions_matches_unpadded():
     assert np.isfinite(np.asarray(logits)).all()
 
 
+def test_default_positions_read_rotary_tables_instead_of_computing_them():
+    # XLA fuses a traced cos/sin into every consumer (recomputed per element of
+    # every query and key); the default positions use host-computed tables.
+    config = LlamaConfig.tiny()
+    params = random_params(config)
+    ids = input_ids(config, batch=1)
+    grad = jax.jit(jax.grad(
+        lambda p, pos: jnp.sum(LlamaForCausalLM(config).apply({"params": p}, ids, None, pos)),
+        argnums=0), static_argnums=1)
+
+    def hlo(positions):
+        return grad.lower(params, positions).compile().as_text()
+
+    assert "cosine(" not in hlo(None) and "sine(" not in hlo(None)
+    explicit = jax.jit(jax.grad(
+        lambda p, pos: jnp.sum(LlamaForCausalLM(config).apply({"params": p}, ids, None, pos))))
+    assert "cosine(" in explicit.lower(params, jnp.arange(SEQ)).compile().as_text()
+
+
 def test_changing_a_future_token_leaves_earlier_logits_unchanged():
     config = LlamaConfig.tiny()
     params = random_params(config)

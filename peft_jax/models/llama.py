@@ -26,6 +26,7 @@ References:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import re
 from collections.abc import Mapping
@@ -337,6 +338,26 @@ def rotary_cos_sin(
     return jnp.cos(angles), jnp.sin(angles)
 
 
+@functools.lru_cache(maxsize=32)
+def _default_rotary_tables(
+    seq: int, head_dim: int, theta: float
+) -> tuple[np.ndarray, np.ndarray]:
+    """`rotary_cos_sin` of positions `0 .. seq-1` as (1, seq, head_dim) NumPy constants.
+
+    Traced, the tables are a `cos`/`sin` of an iota, which XLA fuses into every
+    consumer: each element of every query and key tensor (and of their
+    gradients and transposed copies) recomputed two transcendentals, in about
+    seven fusions per layer of a train step. As constants they are only read.
+    Same float32 arithmetic as `rotary_cos_sin`.
+    """
+    inv_freq = np.float32(1.0) / np.float32(theta) ** (
+        np.arange(0, head_dim, 2, dtype=np.float32) / np.float32(head_dim)
+    )
+    angles = np.arange(seq, dtype=np.float32)[:, None] * inv_freq
+    angles = np.concatenate([angles, angles], axis=-1)[None]
+    return np.cos(angles), np.sin(angles)
+
+
 def apply_rotary(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """Rotates `x` (batch, seq, heads, head_dim) by the angles in `cos`/`sin`."""
     x32 = x.astype(jnp.float32)
@@ -498,15 +519,19 @@ class LlamaModel(nn.Module):
         """
         config = self.config
         seq = input_ids.shape[-1]
-        if positions is None:
-            positions = jnp.arange(seq)
-        positions = jnp.broadcast_to(positions, input_ids.shape)
+        if positions is not None:
+            positions = jnp.broadcast_to(positions, input_ids.shape)
         mask = jnp.tril(jnp.ones((seq, seq), dtype=bool))[None, None]
         if config.sliding_window is not None:
             mask = mask & ~jnp.tril(mask, -config.sliding_window)
         if attention_mask is not None:
             mask = mask & attention_mask.astype(bool)[:, None, None, :]
-        cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
+        if positions is None:
+            # The default positions 0..seq-1: tables computed once on the host.
+            cos, sin = (jnp.asarray(t) for t in _default_rotary_tables(
+                seq, config.head_dim, config.rope_theta))
+        else:
+            cos, sin = rotary_cos_sin(positions, config.head_dim, config.rope_theta)
 
         hidden = self.embed_tokens(input_ids)
         if config.scan_layers:
