@@ -510,7 +510,7 @@ def scale_by_galore(
     dimension_numbers: Any = None,
     refresh: RefreshMethod = "auto",
     oversample: int = 8,
-    power_iterations: int = 2,
+    power_iterations: int = 1,
     seed: int = 0,
     reset_moments: bool = False,
 ) -> base.GradientTransformation:
@@ -566,7 +566,9 @@ def scale_by_galore(
       LAPACK's level-2-bound bidiagonalisation, which is slow and fights
       XLA's threads for the cores; the randomized refresh is matmuls.
     oversample: extra probes of the randomized refresh.
-    power_iterations: power iterations of the randomized refresh.
+    power_iterations: power iterations of the randomized refresh (1: at
+      least 0.99 of the exact SVD's captured gradient energy on SmolLM2's
+      shapes, see README; 2 for 0.997 at about 1.5x the cost).
     seed: seed of the randomized refresh's probes (folded with the step).
     reset_moments: zero the projected moments at each refresh.
 
@@ -784,7 +786,7 @@ def galore(
     dimension_numbers: Any = None,
     refresh: RefreshMethod = "auto",
     oversample: int = 8,
-    power_iterations: int = 2,
+    power_iterations: int = 1,
     seed: int = 0,
     reset_moments: bool = False,
 ) -> base.GradientTransformation:
