@@ -354,17 +354,18 @@ def _one_side_projector(
   product is a matmul, and LAPACK only sees `rows x k` QRs and a `k x k`
   eigenproblem. Cost `2 rows cols k (2 q + 2)` flops.
   """
-  a = g3.astype(jnp.float32)  # (nb, in, out)
-  if plan.side == "out":
-    a = jnp.swapaxes(a, -1, -2)
-  nb, rows, cols = a.shape
+  g = g3.astype(jnp.float32)  # (nb, in, out), used in place: no transposed copies
+  a_spec = "brc" if plan.side == "in" else "bcr"  # A: projected side r as rows
+  times_cols = lambda x: jnp.einsum(f"{a_spec},bck->brk", g, x)  # A x
+  times_rows = lambda y: jnp.einsum(f"{a_spec},brk->bck", g, y)  # Aᵀ y
+  nb, rows = g.shape[0], (plan.n_in if plan.side == "in" else plan.n_out)
+  cols = g.shape[1] * g.shape[2] // rows
   k = min(plan.rank + oversample, rows, cols)
-  at = jnp.swapaxes(a, -1, -2)
-  q = _orthonormal_range(a @ jax.random.normal(key, (nb, cols, k), jnp.float32))
+  q = _orthonormal_range(times_cols(jax.random.normal(key, (nb, cols, k), jnp.float32)))
   for _ in range(power_iterations):
-    q = _orthonormal_range(a @ (at @ q))
-  b = jnp.swapaxes(q, -1, -2) @ a  # (nb, k, cols)
-  vectors = _eigenvectors(b @ jnp.swapaxes(b, -1, -2))  # ascending eigenvalues
+    q = _orthonormal_range(times_cols(times_rows(q)))
+  z = times_rows(q)  # Aᵀ Q = Bᵀ, (nb, cols, k)
+  vectors = _eigenvectors(jnp.swapaxes(z, -1, -2) @ z)  # B Bᵀ; ascending eigenvalues
   return q @ vectors[:, :, ::-1][:, :, : plan.rank]
 
 
