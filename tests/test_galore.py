@@ -209,6 +209,29 @@ def test_stacked_layers_get_one_projector_per_layer():
       np.testing.assert_allclose(a[layer], b.T, atol=1e-6)
 
 
+@pytest.mark.parametrize("group_bytes", [1 << 28, 1])  # one batch / one matrix per chunk
+def test_separate_same_shape_layers_refresh_as_one_batch(monkeypatch, group_bytes):
+  """Unrolled layers (one leaf each, refreshed as one batch) equal the stacked leaf."""
+  galore_module = importlib.import_module("peft_jax.optim.galore")
+  monkeypatch.setattr(galore_module, "_GROUP_BYTES", group_bytes)
+  rng = np.random.default_rng(5)
+  L, n_in, n_out = 3, 6, 10
+  w = rng.standard_normal((L, n_in, n_out)).astype(np.float32)
+  grads = [rng.standard_normal((L, n_in, n_out)).astype(np.float32) for _ in range(3)]
+  tx = po.galore(0.1, rank=2, update_proj_gap=2)
+  stacked = {"layers": {"mlp": {"kernel": jnp.asarray(w)}}}
+  unrolled = {f"layers_{i}": {"mlp": {"kernel": jnp.asarray(w[i])}} for i in range(L)}
+  s_stacked, s_unrolled = tx.init(stacked), tx.init(unrolled)
+  step = jax.jit(tx.update)
+  for g in grads:
+    u_s, s_stacked = step({"layers": {"mlp": {"kernel": jnp.asarray(g)}}}, s_stacked, stacked)
+    u_u, s_unrolled = step({f"layers_{i}": {"mlp": {"kernel": jnp.asarray(g[i])}}
+                            for i in range(L)}, s_unrolled, unrolled)
+    for i in range(L):
+      np.testing.assert_allclose(u_u[f"layers_{i}"]["mlp"]["kernel"],
+                                 u_s["layers"]["mlp"]["kernel"][i], atol=1e-6)
+
+
 def test_dense_general_dimension_numbers():
   """A (embed, heads, head_dim) kernel equals the reshaped 2-D kernel."""
   rng = np.random.default_rng(2)
@@ -338,3 +361,24 @@ def test_default_refresh_spans_top_subspace_one_sided_and_never_retraces(kernel_
   assert a.shape == b.shape == (min(kernel_shape), 4)
   np.testing.assert_allclose(b.T @ b, np.eye(4), atol=1e-5)  # orthonormal
   np.testing.assert_allclose(a @ a.T, b @ b.T, atol=1e-3)  # the same subspace
+
+
+@pytest.mark.parametrize("refresh", ["svd", "auto"])
+def test_cpu_refresh_hands_lapack_one_matrix_per_call(refresh):
+  """jaxlib's batched CPU LAPACK kernels block on XLA's thread pool: two at once hang.
+
+  Every LAPACK call of the compiled step must see a single matrix (it then
+  runs inline), for stacked layers and same-shape leaves refreshed as one batch.
+  """
+  import re  # pylint: disable=import-outside-toplevel
+  params = {"a": {"mlp": {"kernel": jnp.zeros((3, 48, 64))}},
+            "b": {"mlp": {"kernel": jnp.zeros((64, 48))}},
+            "c": {"mlp": {"kernel": jnp.zeros((64, 48))}}}
+  tx = po.scale_by_galore(rank=4, update_proj_gap=2, refresh=refresh)
+  hlo = jax.jit(tx.update).lower(params, tx.init(params)).compile().as_text()
+  calls = [line for line in hlo.splitlines() if 'custom_call_target="lapack_' in line]
+  assert calls, "expected LAPACK calls in the refresh"
+  for line in calls:
+    # Result and operand shapes before the target: matrices/vectors/scalars, no batch axis.
+    shapes = re.findall(r"f32\[([0-9,]*)\]", line.split("custom_call_target")[0])
+    assert shapes and all(s.count(",") <= 1 for s in shapes), line
