@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -18,6 +17,7 @@ from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.tree import combine
 from peft_jax.models.fused_ce import linear_cross_entropy
 from peft_jax.models.llama import LlamaForCausalLM, causal_lm_loss
+from peft_jax.quant import sharded_matmul
 
 
 class TrainState(NamedTuple):
@@ -30,19 +30,19 @@ class TrainState(NamedTuple):
 
 def lm_loss(model: nn.Module, config: LoRAConfig | None, params: Mapping[str, Any],
             inputs: jax.Array, labels: jax.Array, dropout_key: jax.Array | None = None, *,
-            quant_impl: str | None = None) -> jax.Array:
+            quant_impl: str | None = None, quant_platform: str | None = None) -> jax.Array:
   """Next-token cross-entropy of ``model`` with its adapters active.
 
   For a ``LlamaForCausalLM`` whose head is a plain matrix (tied embedding, or
   an ``lm_head`` kernel without adapters or quantization) the head and the
   loss run fused and chunked (:func:`peft_jax.models.fused_ce.
   linear_cross_entropy`): the same number, without the batch's full logits.
-  ``quant_impl``: the ``nf4_matmul`` implementation for quantized kernels
-  (default: by backend).
+  ``quant_impl``, ``quant_platform``: the ``nf4_matmul`` implementation for
+  quantized kernels and the Pallas target (default: by backend).
   """
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
   head = _plain_head(model, params)
-  with intercept(config, quant_impl=quant_impl):
+  with intercept(config, quant_impl=quant_impl, quant_platform=quant_platform):
     if head is None:
       logits = model.apply({"params": params}, inputs, rngs=rngs)
     else:
@@ -109,7 +109,7 @@ def make_train_step(
     config: the adapters' config (``None`` for full fine-tuning).
     optimizer: any optax transformation.
     loss_fn: ``loss_fn(model, config, params, inputs, labels, key)``; defaults
-      to :func:`lm_loss` (with a mesh: with ``quant_impl="xla"``).
+      to :func:`lm_loss`.
     mesh: run sharded on this mesh (see :mod:`peft_jax.sharding`). The
       state, base and batch are pinned to the shardings the rules give (the
       new state too, so nothing is resharded between steps); place them
@@ -117,16 +117,17 @@ def make_train_step(
     rules: ``((path_regex, spec), ...)`` for the base kernels (adapters and
       optimizer states follow them), e.g. :func:`sharding.llama_rules` or
       :func:`sharding.rules_from_params` of a placed base. Needed with ``mesh``.
+      On a mesh the base's NF4 kernels are marked with their placement
+      (:mod:`peft_jax.quant.sharded_matmul`), so ``nf4_matmul`` runs the
+      Pallas kernels per shard where it would run them without a mesh
+      (GPU/TPU) and XLA's path, which the partitioner splits, elsewhere.
     batch_axes: mesh axes the batch is split over (those in the mesh).
     indivisible: ``"error"`` or ``"replicate"`` (see :func:`sharding.param_specs`).
     spread_adapters: also split the adapters and their optimizer moments over
       the mesh axes their own specs leave unused (see
       :func:`sharding.param_specs`); pass the same to :func:`shard_train_inputs`.
   """
-  if loss_fn is None:
-    # Under a mesh, NF4 matmuls take XLA's path, which the SPMD partitioner splits
-    # by the codes' sharding; the Pallas kernel is a custom call it cannot split.
-    loss_fn = lm_loss if mesh is None else functools.partial(lm_loss, quant_impl="xla")
+  loss_fn = loss_fn or lm_loss
   if (rules is None) != (mesh is None):
     raise ValueError("make_train_step takes mesh= and rules= together.")
 
@@ -137,6 +138,7 @@ def make_train_step(
                                                      spread_adapters=spread_adapters)
       state = sharding.constrain(state, state_specs, mesh)
       base = sharding.constrain(base, base_specs, mesh) if base else base
+      base = sharded_matmul.place(base, base_specs, mesh, batch_axes) if base else base
       data = sharding.batch_spec(mesh, batch_axes)
       inputs, labels = sharding.constrain((inputs, labels), (data, data), mesh)
     new_state, loss = _step(state, base, inputs, labels, key)

@@ -21,6 +21,21 @@ Example::
   step = training_nnx.make_train_step(model, tx, mesh=mesh, rules=rules)
   state, loss = step(state, base, ids, labels, key)
   training_nnx.update_model(model, state.trainable)       # back into the model
+
+Users who keep ``nnx.Optimizer`` and ``nnx.jit`` get the same shardings from
+:func:`shard_model` (places the model's and the optimizer's state, in place)
+and :func:`constrain_model` (pins them inside the jitted step)::
+
+  optimizer = nnx.Optimizer(model, tx, wrt=pj.nnx.Adapter)
+  training_nnx.shard_model(model, mesh, rules, optimizer)
+
+  @nnx.jit
+  def train_step(model, optimizer, ids, labels):
+    loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, pj.nnx.Adapter))(
+        model, ids, labels)
+    optimizer.update(model, grads)
+    training_nnx.constrain_model(model, mesh, rules, optimizer)
+    return loss
 """
 
 from __future__ import annotations
@@ -40,7 +55,8 @@ from peft_jax.models.llama import causal_lm_loss
 from peft_jax.nnx import state as nnx_state
 from peft_jax.nnx.transform import model_config, sync
 
-__all__ = ["make_train_step", "next_token_loss", "split_params", "update_model"]
+__all__ = ["constrain_model", "make_train_step", "next_token_loss", "shard_model",
+           "split_params", "state_shardings", "update_model"]
 
 
 def next_token_loss(model: nnx.Module, inputs: jax.Array, labels: jax.Array,
@@ -113,7 +129,7 @@ def make_train_step(
     mesh, rules, batch_axes, indivisible, spread_adapters: as for
       :func:`peft_jax.training.make_train_step`; rules match linen-shaped
       paths (``model/layers_0/self_attn/q_proj/kernel``). Under a mesh, NF4
-      kernels run ``nf4_matmul(impl="xla")``, which the partitioner splits.
+      kernels run per shard as in the linen step.
   """
   graphdef, params_state, rest = nnx.split(model, nnx.Param, ...)
   # Types and metadata only: the step must not keep the model's arrays alive.
@@ -123,7 +139,6 @@ def make_train_step(
                 for path, var in nnx.to_flat_state(rest)]
   del params_state, rest
   user_loss = loss_fn or next_token_loss
-  quant_impl = None if mesh is None else "xla"
 
   def rebuild(params: Mapping[str, Any]) -> nnx.Module:
     flat = targeting.flatten(params)
@@ -142,9 +157,63 @@ def make_train_step(
     module = rebuild(params)
     if key is not None:
       nnx.reseed(module, dropout=key)
-    with intercept(None, quant_impl=quant_impl):
+    with intercept(None):
       return user_loss(module, inputs, labels, key)
 
   return training.make_train_step(None, None, optimizer, loss_fn=loss, mesh=mesh, rules=rules,
                                   batch_axes=batch_axes, indivisible=indivisible,
                                   spread_adapters=spread_adapters)
+
+
+def state_shardings(model: nnx.Module, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                    optimizer: nnx.Optimizer | None = None, *, indivisible: str = "error",
+                    spread_adapters: bool = False) -> tuple[Any, Any]:
+  """``(model_shardings, optimizer_shardings)``: ``NamedSharding`` trees shaped like
+  ``nnx.state(model)`` and ``nnx.state(optimizer)`` (``None`` without an optimizer).
+
+  The rules match NNX paths (``model/layers/0/self_attn/q_proj/kernel``);
+  adapters, NF4 kernels and the optimizer's moments follow their kernels as
+  in :func:`peft_jax.sharding.param_specs` and :func:`~peft_jax.sharding.
+  opt_state_specs`; other variables (RNG state, step counters) follow the
+  rules or are replicated.
+  """
+  model_state = nnx.state(model)
+  specs = sharding.param_specs(model_state, rules, mesh, indivisible=indivisible,
+                               spread_adapters=spread_adapters)
+  opt_shardings = None
+  if optimizer is not None:
+    opt_specs = sharding.opt_state_specs(nnx.state(optimizer), model_state, specs)
+    opt_shardings = sharding.to_shardings(opt_specs, mesh)
+  return sharding.to_shardings(specs, mesh), opt_shardings
+
+
+def _place(put, model, mesh, rules, optimizer, **options) -> None:
+  model_shardings, opt_shardings = state_shardings(model, mesh, rules, optimizer, **options)
+  nnx.update(model, put(nnx.state(model), model_shardings))
+  if optimizer is not None:
+    nnx.update(optimizer, put(nnx.state(optimizer), opt_shardings))
+
+
+def shard_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                optimizer: nnx.Optimizer | None = None, *, indivisible: str = "error",
+                spread_adapters: bool = False) -> None:
+  """Places ``model`` (and ``optimizer``'s state) on ``mesh`` as the rules say, in place.
+
+  For an ``nnx.Optimizer`` + ``nnx.jit`` loop; call :func:`constrain_model`
+  with the same arguments at the end of the jitted step so that the updated
+  state keeps these shardings.
+  """
+  _place(jax.device_put, model, mesh, rules, optimizer, indivisible=indivisible,
+         spread_adapters=spread_adapters)
+
+
+def constrain_model(model: nnx.Module, mesh: jax.sharding.Mesh, rules: sharding.Rules,
+                    optimizer: nnx.Optimizer | None = None, *, indivisible: str = "error",
+                    spread_adapters: bool = False) -> None:
+  """Inside ``nnx.jit``: pins the model's (and optimizer's) state to the rules' shardings.
+
+  ``jax.lax.with_sharding_constraint`` of every variable, written back with
+  ``nnx.update``; arguments as for :func:`shard_model`.
+  """
+  _place(jax.lax.with_sharding_constraint, model, mesh, rules, optimizer,
+         indivisible=indivisible, spread_adapters=spread_adapters)

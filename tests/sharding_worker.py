@@ -6,7 +6,9 @@ per check and writes ``OUT_DIR/result.json`` for the single-device restore check
 that the parent process runs (it imports this module's setup; importing sets no flag).
 """
 
+import functools
 import json
+import math
 import os
 import re
 import sys
@@ -23,6 +25,7 @@ from jax.sharding import PartitionSpec as P
 import peft_jax as pj
 from peft_jax import sharding, training, training_nnx
 from peft_jax.checkpoint import orbax as ckpt
+from peft_jax.quant import sharded_matmul
 from peft_jax.models import Gemma3Config, Gemma3ForCausalLM, LlamaConfig, LlamaForCausalLM, init_params
 
 METHODS = ("lora", "dora", "qlora", "galore", "full")
@@ -55,11 +58,12 @@ def setup(method, model, ids):
   return config, adapters, base, optax.adamw(1e-2)
 
 
-def run(method, model, ids, labels, mesh=None, rules=None, steps=STEPS, spread=False):
+def run(method, model, ids, labels, mesh=None, rules=None, steps=STEPS, spread=False,
+        loss_fn=None):
   config, trainable, base, tx = setup(method, model, ids)
   state = training.init_train_state(trainable, tx)
   step = training.make_train_step(model, config, tx, mesh=mesh, rules=rules,
-                                  spread_adapters=spread)
+                                  spread_adapters=spread, loss_fn=loss_fn)
   if mesh is not None:
     state, base = training.shard_train_inputs(state, base, mesh, rules, spread_adapters=spread)
   losses, key = [], jax.random.key(2)
@@ -160,6 +164,64 @@ def check_nnx(ids, labels, mesh, rules):
     else:
       assert spec_is(kernel, "fsdp", "tp")
     print(f"CHECK nnx {method} OK {losses}", flush=True)
+
+
+def check_nnx_optimizer(ids, labels, mesh, rules):
+  """nnx.Optimizer + nnx.jit with shard_model/constrain_model: one device's losses over 3
+  steps; every variable of the model and the optimizer stays where the rules put it."""
+  ids, labels = ids % 256, labels % 256
+
+  def build(method):
+    model = Gemma3ForCausalLM(Gemma3Config.tiny(), rngs=nnx.Rngs(0))
+    if method == "qlora":
+      pj.nnx.quantize(model, pj.NF4(block_size=16, compute_dtype=jnp.float32))
+    pj.nnx.lora_transform(model, pj.LoRAConfig(rank=4, target_modules="all-linear"),
+                          key=jax.random.key(1))
+    trainable, _ = training_nnx.split_params(model)
+    training_nnx.update_model(model, jax.tree_util.tree_map_with_path(
+        lambda p, x: x + 0.01 if p[-1].key == "lora_b" else x, trainable))
+    return model, nnx.Optimizer(model, optax.adamw(1e-2), wrt=pj.nnx.Adapter)
+
+  def make_step(mesh=None):
+    @nnx.jit
+    def step(model, optimizer, ids, labels):
+      loss_fn = lambda m: training_nnx.next_token_loss(m, ids, labels)
+      loss, grads = nnx.value_and_grad(loss_fn, argnums=nnx.DiffState(0, pj.nnx.Adapter))(model)
+      optimizer.update(model, grads)
+      if mesh is not None:
+        training_nnx.constrain_model(model, mesh, rules, optimizer)
+      return loss
+    return step
+
+  for method in ("lora", "qlora"):
+    model, optimizer = build(method)
+    step = make_step()
+    ref_losses = [float(step(model, optimizer, ids, labels)) for _ in range(STEPS)]
+    model, optimizer = build(method)
+    training_nnx.shard_model(model, mesh, rules, optimizer)
+    data = jax.sharding.NamedSharding(mesh, sharding.batch_spec(mesh))
+    step = make_step(mesh)
+    losses = [float(step(model, optimizer, *jax.device_put((ids, labels), data)))
+              for _ in range(STEPS)]
+    np.testing.assert_allclose(losses, ref_losses, rtol=1e-5, err_msg=method)
+    model_shardings, opt_shardings = training_nnx.state_shardings(model, mesh, rules, optimizer)
+    for tree, shardings in ((nnx.state(model), model_shardings),
+                            (nnx.state(optimizer), opt_shardings)):
+      arrays, wanted = jax.tree.leaves(tree), jax.tree.leaves(shardings)
+      assert len(arrays) == len(wanted), (method, len(arrays), len(wanted))
+      for x, want in zip(arrays, wanted):
+        assert x.sharding.is_equivalent_to(want, x.ndim), (method, x.shape, x.sharding, want)
+    split = {}
+    for what, tree in (("opt", nnx.state(optimizer)), ("model", nnx.state(model))):
+      for path, x in jax.tree_util.tree_flatten_with_path(tree)[0]:
+        keys = [str(k.key) for k in path if isinstance(k, jax.tree_util.DictKey)]
+        if keys[-2:] == ["q_proj", "lora_b"] and (what == "model" or "mu" in keys):
+          split[f"{what} lora_b"] = spec_is(x, None, "tp")
+        if keys[-2:] == ["q_proj", "lora_a"] and what == "model":
+          split["lora_a"] = spec_is(x, "fsdp", None)
+    assert len(split) == 3, (method, split)
+    assert all(split.values()), (method, split)
+    print(f"CHECK nnx optimizer {method} OK {losses}", flush=True)
 
 
 def save_and_step(config, state, base, step, ids, labels, out_dir):
@@ -297,6 +359,114 @@ def check_collectives(mesh, rules):
   print(f"CHECK collectives OK {len(gathered)} gathers", flush=True)
 
 
+def float_gathers(hlo: str) -> set[tuple[int, ...]]:
+  """Result shapes of the float all-gathers in HLO text."""
+  shapes = set()
+  for line in hlo.splitlines():
+    match = re.search(r"=(.*?) all-gather(-start)?\(", line)
+    if match:
+      for dims in re.findall(r"(?:f32|bf16|f16)\[([\d,]*)\]", match.group(1)):
+        shapes.add(tuple(int(d) for d in dims.split(",") if d))
+  return shapes
+
+
+def kernel_operands(text: str, marker: str) -> list[tuple[int, ...]]:
+  """Shapes of the uint8 operands (the codes) of every kernel custom call in StableHLO text."""
+  shapes = []
+  for line in text.splitlines():
+    if marker in line and "custom_call" in line:
+      signature = line.rsplit(") -> ", 1)[0].rsplit(": (", 1)[-1]
+      shapes += [tuple(int(d) for d in dims.split("x"))
+                 for dims in re.findall(r"tensor<([\dx]+)xui8>", signature)]
+  return shapes
+
+
+MARKERS = {"gpu": ("cuda", "@__gpu$xla.gpu.triton"), "tpu": ("tpu", "@tpu_custom_call")}
+
+
+def check_pallas_shard_map(mesh):
+  """The Pallas kernels per shard (interpret mode) equal the unsharded XLA product.
+
+  Column-parallel (N split, K gathered by FSDP), row-parallel (K split: a psum of
+  partial products) and K and N both split, forward and gradient; the lowering for
+  GPU and TPU runs one kernel per shard (the codes' per-device shape); the compiled
+  CPU program gathers no dequantized weight.
+  """
+  k, n = 256, 128
+  w = pj.quant.quantize_array(jax.random.normal(jax.random.key(0), (k, n)) * 0.1,
+                              pj.NF4(block_size=16, compute_dtype=jnp.float32))
+  x = jax.random.normal(jax.random.key(1), (3, 8, k))
+  cotangent = jax.random.normal(jax.random.key(2), (3, 8, n))
+
+  def product(x, w, impl=None, platform=None):
+    y, vjp = jax.vjp(lambda x: pj.nf4_matmul(x, w, impl=impl, platform=platform), x)
+    return y, vjp(cotangent)[0]
+
+  want = jax.jit(product, static_argnums=(2, 3))(x, w, "xla")
+  dequantized = {(k // a, n // b) for a in (1, 2, 4, 8) for b in (1, 2, 4, 8)}
+  cases = ((P("fsdp", "tp"), ("data", "fsdp"), (k // 2, n // 2)),
+           (P("tp", "fsdp"), ("data", "fsdp"), (k // 4, n)),
+           (P("tp", "fsdp"), ("data",), (k // 4, n // 2)),
+           (P(("fsdp", "tp"), None), ("data",), (k // 8, n)))
+  for spec, batch, local_codes in cases:
+    specs = sharding.param_specs({"w": w}, ((r"w", spec),), mesh)
+    placed = sharded_matmul.place(sharding.shard({"w": w}, specs, mesh), specs, mesh,
+                                  batch)["w"]
+    got = jax.jit(product, static_argnums=(2, 3))(x, placed, "pallas_interpret")
+    for a, b in zip(got, want):
+      np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5, err_msg=str(spec))
+    hlo = jax.jit(product, static_argnums=(2, 3)).lower(
+        x, placed, "pallas_interpret").compile().as_text()
+    assert not float_gathers(hlo) & dequantized, (spec, float_gathers(hlo))
+    for platform, (lowering, marker) in MARKERS.items():
+      text = jax.jit(product, static_argnums=(2, 3)).trace(x, placed, None, platform).lower(
+          lowering_platforms=(lowering,)).as_text()
+      assert kernel_operands(text, marker) == [local_codes] * 2, (
+          spec, platform, kernel_operands(text, marker))
+  print("CHECK pallas shard_map OK", flush=True)
+
+
+def per_device_codes(w):
+  """A placed NF4 matrix's codes per device inside the kernels (batch axes gathered)."""
+  p = w.placement
+  size = lambda axes: math.prod(p.mesh.shape[a] for a in axes if a not in p.batch_axes)
+  rows, cols = w.codes.shape[-2:]
+  return rows // size(p.k_axes), cols // size(p.n_axes)
+
+
+def check_pallas_step(mesh, rules):
+  """The sharded QLoRA step with the kernels per shard: the single-device run; lowers per shard."""
+  _, model, ids, labels = model_and_data()
+  ref_losses, ref_state, _, _ = run("qlora", model, ids, labels)
+  interpret = functools.partial(training.lm_loss, quant_impl="pallas_interpret")
+  losses, state, base, _ = run("qlora", model, ids, labels, mesh, rules, loss_fn=interpret)
+  np.testing.assert_allclose(losses, ref_losses, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-3),
+               state.trainable, ref_state.trainable)
+  # Lowered for GPU and TPU with the kernels chosen as without a mesh (impl=None).
+  # Widths chosen so that no kernel's per-device codes have another kernel's global shape.
+  config = LlamaConfig.tiny(hidden_size=128, intermediate_size=384, num_key_value_heads=1,
+                            scan_layers=True)
+  model = LlamaForCausalLM(config)
+  ids = jnp.zeros((8, 16), jnp.int32)
+  _, state, base, _ = run("qlora", model, ids, ids, mesh, rules, steps=0)
+  placed = sharded_matmul.place(base, sharding.param_specs(base, rules, mesh), mesh)
+  nf4 = [w for w in jax.tree.leaves(placed, is_leaf=pj.quant.is_quantized)
+         if isinstance(w, pj.NF4Array)]
+  global_codes = {w.codes.shape[-2:] for w in nf4}
+  local_codes = {per_device_codes(w) for w in nf4}
+  for platform, (lowering, marker) in MARKERS.items():
+    loss_fn = functools.partial(training.lm_loss, quant_platform=platform)
+    step = training.make_train_step(model, setup("qlora", model, ids)[0], optax.adamw(1e-2),
+                                    mesh=mesh, rules=rules, loss_fn=loss_fn)
+    text = step.trace(state, base, ids, ids, jax.random.key(2)).lower(
+        lowering_platforms=(lowering,)).as_text()
+    operands = kernel_operands(text, marker)
+    assert not local_codes & global_codes, (local_codes, global_codes)
+    assert len(operands) >= 4 and set(operands) <= local_codes, (platform, set(operands))
+  print(f"CHECK pallas step OK {losses}", flush=True)
+
+
 def check_restore(model, ids, labels, rules, out_dir):
   """The checkpoint of the 8-device run, restored onto 4 devices, gives the same next loss."""
   with open(os.path.join(out_dir, "result.json")) as f:
@@ -329,21 +499,30 @@ def _timed(fn):
 
 
 def main(out_dir, suite="all"):
-  """``suite``: ``"all"`` (every method, the HLO check) or ``"fast"`` (LoRA, QLoRA)."""
+  """``suite``: ``"all"`` (every method, the HLO check), ``"fast"`` (LoRA, QLoRA) or
+  ``"pallas"`` (the Pallas kernels per shard and nnx.Optimizer only)."""
   assert len(jax.devices()) == 8
   methods = METHODS if suite == "all" else ("lora", "qlora")
   _, model, ids, labels = model_and_data()
   mesh = sharding.make_mesh("data=2,fsdp=2,tp=2")
   rules = sharding.llama_rules()
+  if suite == "pallas":  # only the kernels per shard and nnx.Optimizer
+    _timed(check_pallas_shard_map)(mesh)
+    _timed(check_pallas_step)(mesh, rules)
+    _timed(check_nnx_optimizer)(ids, labels, mesh, rules)
+    return
   states = _timed(check_equivalence_and_placement)(model, ids, labels, mesh, rules, out_dir,
                                                    methods)
   _timed(check_promised_specs)(states)
   _timed(check_nf4_blocks)(states)
   _timed(check_nnx)(ids, labels, mesh, rules)
+  _timed(check_nnx_optimizer)(ids, labels, mesh, rules)
   _timed(check_spread_adapters)(model, ids, labels, mesh, rules)
   if suite == "all":
     _timed(check_collectives)(mesh, rules)
   _timed(check_restore)(model, ids, labels, rules, out_dir)
+  _timed(check_pallas_shard_map)(mesh)
+  _timed(check_pallas_step)(mesh, rules)
 
 
 if __name__ == "__main__":

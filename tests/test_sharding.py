@@ -4,11 +4,14 @@ import subprocess
 import sys
 import textwrap
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from jax.sharding import PartitionSpec as P
 
 from peft_jax import sharding
+from peft_jax.quant import NF4, nf4_matmul, quantize_array, sharded_matmul
 
 SCRIPT = textwrap.dedent("""
     import os
@@ -82,3 +85,26 @@ def test_spread_adapters_split_the_non_rank_axis_over_unused_mesh_axes():
   assert specs["o"]["lora_a"] == P("fsdp", None)  # 6 rows do not split 4 ways: as the kernel
   moments = sharding.opt_state_specs(optax.adam(1e-3).init(params), params, specs)
   assert moments[0].mu["q"]["lora_a"] == P(("fsdp", "data", "tp"), None)
+
+
+def test_placed_nf4_weight_runs_the_kernels_per_shard():
+  """One device: a placed weight runs XLA's path on CPU and the kernel per shard for "cuda"."""
+  mesh = sharding.make_mesh({"fsdp": 1, "tp": 1}, jax.devices()[:1])
+  w = quantize_array(jax.random.normal(jax.random.key(0), (128, 64)),
+                     NF4(block_size=16, compute_dtype=jnp.float32))
+  specs = sharding.param_specs({"w": w}, ((r"w", P("fsdp", "tp")),), mesh)
+  placed = sharded_matmul.place({"w": w}, specs, mesh, batch_axes=("data",))["w"]
+  assert placed.placement == sharded_matmul.Placement(mesh, ("fsdp",), ("tp",), ())
+  assert repr(placed) == repr(w)
+  x = jax.random.normal(jax.random.key(1), (4, 128))
+
+  def value_and_grad(w, impl):
+    return jax.value_and_grad(lambda x: jnp.sum(nf4_matmul(x, w, impl=impl) ** 2))(x)
+
+  want = jax.jit(value_and_grad, static_argnums=1)(w, "xla")
+  got = jax.jit(value_and_grad, static_argnums=1)(placed, None)  # CPU: XLA, as without a mesh
+  for a, b in zip(got, want):  # (the kernels per shard: tests/sharding_worker.py, 8 devices)
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+  text = jax.jit(lambda x, w: nf4_matmul(x, w, platform="gpu")).trace(x, placed).lower(
+      lowering_platforms=("cuda",)).as_text()
+  assert text.count("@__gpu$xla.gpu.triton") == 1  # 8 devices: tests/sharding_worker.py

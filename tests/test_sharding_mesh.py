@@ -4,8 +4,11 @@ The subprocess (tests/sharding_worker.py) checks, for LoRA and QLoRA (with -m sl
 DoRA, GaLore and full fine-tuning), that a sharded run on a data=2,fsdp=2,tp=2 mesh
 matches the single-device run over 3 steps and that every leaf has the promised
 sharding; that NF4 shards hold whole blocks; the same for LoRA and QLoRA on the NNX
-Gemma 3 through peft_jax.training_nnx; (slow) the compiled HLO's all-gathers; and
-restore of its checkpoint onto 4 devices. This process restores it onto one device.
+Gemma 3 through peft_jax.training_nnx; (slow) the compiled HLO's all-gathers;
+restore of its checkpoint onto 4 devices; the Pallas NF4 kernels per shard
+(shard_map, interpret mode) against the XLA product and in the QLoRA step, and
+their GPU/TPU lowering; nnx.Optimizer + nnx.jit placed by training_nnx.shard_model /
+constrain_model. This process restores the checkpoint onto one device.
 """
 
 import json
@@ -28,7 +31,8 @@ from peft_jax.cli import finetune, main
 pytestmark = pytest.mark.slow
 
 FAST_CHECKS = ("equivalence lora", "equivalence qlora", "promised specs", "nf4 blocks",
-               "nnx lora", "nnx qlora", "spread adapters", "restore 8->4")
+               "nnx lora", "nnx qlora", "spread adapters", "restore 8->4",
+               "pallas shard_map", "pallas step", "nnx optimizer lora", "nnx optimizer qlora")
 ALL_CHECKS = FAST_CHECKS + ("equivalence dora", "equivalence galore", "equivalence full",
                             "collectives")
 

@@ -193,6 +193,8 @@ class _Interceptor:
   def _dispatch(self, next_fun, args, kwargs, context):
     module = context.module
     scope = module.scope
+    if isinstance(module, nn.Embed) and quantized.has_quantized_table(module):
+      return quantized.quantized_embed_call(module, context.method_name, args, kwargs)
     if scope is None or context.method_name == "setup" or id(scope) in self._active:
       return next_fun(*args, **kwargs)
     if scope.parent is None and not scope.path:

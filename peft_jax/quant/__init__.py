@@ -11,7 +11,8 @@ Public API:
   ``nn.scan``.
 * :func:`quantize` / :func:`dequantize`: over a params tree, with
   ``target_modules`` (default: every Dense-like kernel except the output head;
-  embeddings are never quantized).
+  embedding tables only with ``include_embeddings=True``, looked up row by row
+  with :func:`peft_jax.quant.embed.nf4_lookup`).
 * :func:`quantize_array` / :func:`dequantize_array`: one array.
 * :func:`is_quantized`: ``isinstance(leaf, NF4Array)``, usable as ``is_leaf``.
 * :func:`nf4_matmul`: ``x (..., in) @ dequantize(w)`` without materializing

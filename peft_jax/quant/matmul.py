@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from peft_jax import validation
-from peft_jax.quant import kernels, tables
+from peft_jax.quant import kernels, sharded_matmul, tables
 from peft_jax.quant.nf4 import NF4Array, decode_4bit, dequantize_array, is_quantized
 
 IMPLS = ("xla", "pallas", "pallas_interpret", "reference")
@@ -104,7 +104,9 @@ def nf4_matmul(x: jax.Array, w: NF4Array, *, impl: str | None = None,
     w: an unstacked :class:`NF4Array` (slice stacked ones per layer).
     impl: ``None`` to choose by backend and shape (Pallas on GPU/TPU when the
       shape tiles, else the fused XLA path), or ``"xla"``, ``"pallas"``,
-      ``"pallas_interpret"``, ``"reference"``.
+      ``"pallas_interpret"``, ``"reference"``. A weight placed on a mesh
+      (:mod:`peft_jax.quant.sharded_matmul`, as the sharded train step does)
+      runs the Pallas kernels per shard inside ``jax.shard_map``.
     compute_dtype: dtype of the dequantized weight and of ``x`` inside the
       dot (accumulation is float32); default ``w.compute_dtype``, else
       ``x.dtype``.
@@ -135,6 +137,12 @@ def nf4_matmul(x: jax.Array, w: NF4Array, *, impl: str | None = None,
   compute_dtype = validation.float_dtype(compute_dtype, "compute_dtype")
   compute_dtype = compute_dtype or w.compute_dtype or x.dtype
   chosen = select_impl(w, m, impl, platform)
+  if sharded_matmul.is_placed(w):  # on a mesh: the kernels per shard, else XLA's path
+    y = sharded_matmul.matmul_2d(x.reshape(m, k), w, impl=impl, compute_dtype=compute_dtype,
+                                 platform=platform or _default_platform())
+    if y is not None:
+      return y.reshape(*lead, *w.out_shape)
+    chosen = "reference" if chosen == "reference" else "xla"  # the partitioner splits these
   tile_platform = platform or _default_platform()
   if tile_platform not in kernels.PLATFORMS:
     tile_platform = "gpu"  # interpreter: any legal tiling

@@ -387,14 +387,19 @@ def _absmax_float32(w: NF4Array) -> jax.Array:
     return w.absmax.astype(jnp.float32)
   index = _nested_index(w.matrix_shape, w.block_size, w.tiled)
   nested = jnp.take(w.nested_absmax, jnp.asarray(index), axis=-1)
-  code = jnp.take(jnp.asarray(tables.DYNAMIC_MAP_256), w.absmax.astype(jnp.int32))
   stack_axes = (None,) * index.ndim
+  return undo_double_quant(w.absmax, nested, w.offset[(...,) + stack_axes])
+
+
+def undo_double_quant(codes: jax.Array, nested: jax.Array, offset: jax.Array) -> jax.Array:
+  """float32 absmax ``code[codes] * nested + offset`` (operands broadcast together)."""
+  code = jnp.take(jnp.asarray(tables.DYNAMIC_MAP_256), codes.astype(jnp.int32))
   product = code * nested
   # The select (a no-op for non-NaN values) sits between the multiply and the
   # add so that LLVM cannot contract them into an FMA, which would round once
   # instead of twice as bitsandbytes does.
   product = jnp.where(product == product, product, jnp.zeros_like(product))
-  return product + w.offset[(...,) + stack_axes]
+  return product + offset
 
 
 def _check_layout_args(shape, stack_ndim: int, in_ndim: int):

@@ -33,6 +33,7 @@ def quantize(
     *,
     exclude_modules: targeting.TargetSpec = None,
     kernel_layout: KernelLayout = default_kernel_layout,
+    include_embeddings: bool = False,
 ) -> dict[str, Any]:
   """Replaces the targeted kernels of a params tree with :class:`NF4Array`.
 
@@ -43,9 +44,15 @@ def quantize(
     target_modules: ``None`` for every Dense-like ``kernel`` except the output
       head (``lm_head``, ...); names (exact module name or ``/``-suffix), or a
       regex fully matching the ``/``-joined module path (see
-      :mod:`peft_jax.targeting`). Embeddings are never quantized.
+      :mod:`peft_jax.targeting`). Embeddings are quantized only with
+      ``include_embeddings``.
     exclude_modules: the same forms, removed from the selection.
     kernel_layout: ``(module_path, shape) -> (stack_ndim, in_ndim)``.
+    include_embeddings: also quantize every ``nn.Embed`` table ``(V, D)``
+      (``embedding`` leaves not excluded), tiled along the vocabulary, for
+      :func:`peft_jax.quant.embed.nf4_lookup`: a lookup dequantizes only its
+      rows, and a tied head (``attend``) dequantizes the table. Frozen (no
+      adapters on it). Not bitsandbytes' ``Embedding4bit`` layout.
 
   Returns:
     A new params tree (plain dicts) with quantized kernels, in the same
@@ -71,16 +78,26 @@ def quantize(
       inner, targeting.ALL_LINEAR if target_modules is None else target_modules,
       exclude_modules=exclude_modules)
   flat = targeting.flatten(inner)
+  if include_embeddings:
+    selected.update({m: leaf for m, leaf in targeting.adaptable_modules(inner).items()
+                     if leaf == "embedding" and not is_quantized(flat[f"{m}/{leaf}"])
+                     and not (exclude_modules and targeting.matches(exclude_modules, m))})
   for module, leaf_name in selected.items():
     path = f"{module}/{leaf_name}"
-    if leaf_name != "kernel":
+    if leaf_name != "kernel" and not (include_embeddings and leaf_name == "embedding"):
       raise ValueError(
           f"{module!r} holds an {leaf_name!r}, not a kernel; only Dense-like kernels "
-          "are quantized (embeddings stay in their dtype).")
+          "are quantized (embeddings too with include_embeddings=True).")
     leaf = flat[path]
     if is_quantized(leaf):
       raise ValueError(f"{path!r} is already quantized ({leaf!r}).")
     stack_ndim, in_ndim = kernel_layout(module, tuple(leaf.shape))
+    if leaf_name == "embedding":
+      stack_ndim, in_ndim = 0, 1
+      if len(leaf.shape) != 2 or leaf.shape[0] % spec.block_size:
+        raise ValueError(f"{path}: an embedding of shape {tuple(leaf.shape)} cannot be "
+                         f"quantized for row lookup; it needs (V, D) with V a multiple of "
+                         f"block_size {spec.block_size}.")
     try:
       flat[path] = quantize_array(leaf, spec, stack_ndim=stack_ndim, in_ndim=in_ndim)
     except (TypeError, ValueError) as e:
