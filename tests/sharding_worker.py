@@ -527,5 +527,5 @@ def main(out_dir, suite="all"):
 
 if __name__ == "__main__":
   # Read when the backend starts (first use), so setting it here is in time.
-  os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
   main(*sys.argv[1:])

@@ -316,7 +316,8 @@ def test_merge_unmerge_round_trip():
     adapted = model.apply(params, x)
   merged = pj.merge(params, config, layouts=layouts)
   assert "lora_a" not in merged["params"]["dense"]
-  np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-5, atol=1e-5)
+  # Outputs reach ~20: atol 1e-4 is a few float32 ulps of them (W + BA rounds once more).
+  np.testing.assert_allclose(model.apply(merged, x), adapted, rtol=1e-5, atol=1e-4)
   restored = pj.unmerge(merged, adapters, config, layouts=layouts)
   chex.assert_trees_all_close(pj.split(restored)[1], base, rtol=1e-5, atol=1e-5)
   dora_cfg = config.replace(use_dora=True)

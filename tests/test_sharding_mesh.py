@@ -39,7 +39,8 @@ ALL_CHECKS = FAST_CHECKS + ("equivalence dora", "equivalence galore", "equivalen
 
 def _run_worker(tmp_path_factory, suite):
   out = tmp_path_factory.mktemp(f"sharding_{suite}")
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  env = dict(os.environ, XLA_FLAGS=(os.environ.get("XLA_FLAGS", "") +
+                                    " --xla_force_host_platform_device_count=8").strip())
   result = subprocess.run([sys.executable, worker.__file__, str(out), suite],
                           capture_output=True, text=True, timeout=3000, env=env)
   return out, result
