@@ -64,7 +64,9 @@ def _plain_head(model: nn.Module, params: Mapping[str, Any]):
     return None
   try:
     if model.config.tie_word_embeddings:
-      weight, vocab_axis = params["model"]["embed_tokens"]["embedding"], 0
+      embed = params["model"]["embed_tokens"]
+      head = embed.get("saved", {}).get("untied_head")  # the head saved untied
+      weight, vocab_axis = embed["embedding"] if head is None else head, 0
     else:
       head = params["lm_head"]
       if set(head) != {"kernel"}:
