@@ -338,12 +338,14 @@ def test_gemma3_saved_head_gives_peft_logits(tmp_path):
     import_peft(tmp_path / "out")
 
 
-@pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits test above runs the copy
+@pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits tests above run the copies
 def test_gemma3_saved_embedding_trains_the_copy_only():
+  # The embedding and the tied head saved: two separate copies train, the table stays.
   _, model = load_gemma3_hf(HF_TINY / "gemma3")
   original = np.asarray(model.model.embed_tokens.embedding.get_value())
-  config = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("embed_tokens",))
-  with pytest.warns(UserWarning, match="tied head"):
+  config = pj.LoRAConfig(rank=2, target_modules=("q_proj",),
+                         modules_to_save=("embed_tokens", "lm_head"))
+  with pytest.warns(UserWarning, match="tied head"), pytest.warns(UserWarning, match="untied"):
     pj.nnx.lora_transform(model, config, key=jax.random.key(0))
   assert isinstance(model.model.embed_tokens.saved["embedding"], pj.nnx.Adapter)
   optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=pj.nnx.Adapter)
@@ -359,7 +361,9 @@ def test_gemma3_saved_embedding_trains_the_copy_only():
   step(model, optimizer)
   np.testing.assert_array_equal(model.model.embed_tokens.embedding.get_value(), original)
   copy = np.asarray(model.model.embed_tokens.saved["embedding"].get_value())
+  head = np.asarray(model.model.embed_tokens.saved["untied_head"].get_value())
   assert np.abs(copy - original).max() > 1e-4
+  assert np.abs(head - original).max() > 1e-4 and np.abs(head - copy).max() > 1e-4
 
 
 def test_multitask_switches_copies_and_refuses_to_stack_them(qwen2):
