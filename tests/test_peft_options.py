@@ -244,6 +244,10 @@ def test_tied_head_saved_is_an_untied_copy(tmp_path):
   back, back_config = import_peft(tmp_path / "peft", base_params=params)
   assert back_config.modules_to_save == ("lm_head",)
   np.testing.assert_array_equal(back["model"]["embed_tokens"]["saved"]["untied_head"], table + 0.5)
+  # Without the base, the file's lm_head copy cannot land: an error says what to pass.
+  unplaced, _ = import_peft(tmp_path / "peft")
+  with pytest.raises(ValueError, match=r"lm_head/saved/kernel.*base_params=base"):
+    pj.apply(model, pj.combine(params, unplaced), ids, config=back_config)
 
 
 def test_orbax_round_trip_and_checks(tmp_path, qwen2):

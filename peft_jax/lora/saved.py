@@ -190,7 +190,10 @@ def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None)
       continue
     original = base_flat.get(base_path(path))
     if original is None:
-      problems.append(f"{path}: a saved copy, but the base has no {base_path(path)!r}")
+      head = tied_embedding(base_flat, targeting.split_path(base_path(path))[0])
+      hint = (f" (the base's head is its tied embedding {head!r}: import_peft(..., "
+              "base_params=base) makes this the untied head copy)") if head else ""
+      problems.append(f"{path}: a saved copy, but the base has no {base_path(path)!r}{hint}")
     elif tuple(getattr(original, "shape", ())) != tuple(getattr(value, "shape", ())):
       problems.append(f"{path}: shape {tuple(value.shape)} but the base "
                       f"{base_path(path)!r} is {tuple(original.shape)}")
