@@ -13,6 +13,7 @@ import optax
 
 from peft_jax import sharding
 from peft_jax.lora.config import LoRAConfig
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.interceptor import intercept
 from peft_jax.lora.tree import combine
 from peft_jax.models.fused_ce import linear_cross_entropy
@@ -64,7 +65,9 @@ def _plain_head(model: nn.Module, params: Mapping[str, Any]):
     return None
   try:
     if model.config.tie_word_embeddings:
-      weight, vocab_axis = params["model"]["embed_tokens"]["embedding"], 0
+      embed = params["model"]["embed_tokens"]
+      head = embed.get(saved_lib.SAVED, {}).get(saved_lib.HEAD)  # the head saved untied
+      weight, vocab_axis = embed["embedding"] if head is None else head, 0
     else:
       head = params["lm_head"]
       if set(head) != {"kernel"}:

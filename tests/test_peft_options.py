@@ -4,7 +4,8 @@ The PEFT side comes from tests/data/make_peft_options_reference.py (peft
 0.21.2 on the tiny Qwen2 of hf_tiny/qwen2, q/k/v biases): its adapter
 directories hf_tiny/qwen2_saved (modules_to_save lm_head + embed_tokens,
 bias="lora_only") and hf_tiny/qwen2_bias_all (bias="all"), and the PEFT
-model's logits.
+model's logits; on the tiny tied Gemma 3 of hf_tiny/gemma3, hf_tiny/gemma3_saved
+(the embedding saved) and hf_tiny/gemma3_head (the tied lm_head saved: an untied copy).
 """
 
 import json
@@ -24,6 +25,7 @@ from hostile_helpers import edit_json
 from peft_jax import targeting, training
 from peft_jax.checkpoint import export_peft, import_peft
 from peft_jax.models.gemma3_checkpoint import load_gemma3_hf
+from peft_jax.models.gemma3_loss import gemma3_lm_loss
 from peft_jax.models.hf_checkpoint import load_hf_checkpoint
 from peft_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
 
@@ -201,10 +203,51 @@ def test_tied_embedding_copy_acts_on_the_input_only():
       "embedding": copy + 0.5}}}}, ids, method=lambda m, x: m.model(x))
   want = hidden @ params["model"]["embed_tokens"]["embedding"].T
   np.testing.assert_allclose(pj.apply(model, full, ids, config=lora), want, atol=1e-5)
-  with pytest.raises(ValueError, match="tied output head"):
-    pj.lora_transform(params, lora.replace(modules_to_save=("lm_head",)), key=jax.random.PRNGKey(1))
   with pytest.raises(ValueError, match="tied embedding"):
     pj.merge(full, lora)
+
+
+def test_tied_head_saved_is_an_untied_copy(tmp_path):
+  # PEFT deep-copies a tied lm_head: the head trains untied, the input lookup keeps the table.
+  config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, tie_word_embeddings=True)
+  model = LlamaForCausalLM(config)
+  ids = jnp.arange(8)[None] % 64
+  params = model.init(jax.random.PRNGKey(0), ids)["params"]
+  lora = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("lm_head",))
+  with pytest.warns(UserWarning, match="untied trainable copy"):
+    full = pj.lora_transform(params, lora, key=jax.random.PRNGKey(1))
+  table = params["model"]["embed_tokens"]["embedding"]
+  saved = full["model"]["embed_tokens"]["saved"]
+  assert set(saved) == {"untied_head"}
+  np.testing.assert_array_equal(saved["untied_head"], table)
+  saved["untied_head"] = table + 0.5
+  hidden = model.apply({"params": params}, ids, method=lambda m, x: m.model(x))
+  logits = pj.apply(model, full, ids, config=lora)
+  np.testing.assert_allclose(logits, hidden @ (table + 0.5).T, atol=1e-5)
+  # The fused loss takes the copy too; the gradient reaches the copy, not the table.
+  adapters, base = pj.split(full, lora)
+  loss, grads = jax.value_and_grad(
+      lambda a: training.lm_loss(model, lora, pj.combine(base, a), ids, ids))(adapters)
+  np.testing.assert_allclose(loss, causal_lm_loss(logits, ids), rtol=1e-5)
+  assert np.abs(grads["model"]["embed_tokens"]["saved"]["untied_head"]).max() > 0
+  with pytest.raises(ValueError, match="untied head copy"):
+    pj.merge(full, lora)
+  # Orbax and PEFT's format keep it (PEFT's key: lm_head.weight, the (vocab, hidden) table).
+  pj.save_lora_state_dict(tmp_path / "orbax", adapters, lora)
+  restored, _ = pj.load_lora_state_dict(tmp_path / "orbax", base_params=params)
+  np.testing.assert_array_equal(restored["model"]["embed_tokens"]["saved"]["untied_head"],
+                                table + 0.5)
+  export_peft(tmp_path / "peft", adapters, lora)
+  tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+  np.testing.assert_array_equal(tensors["base_model.model.lm_head.weight"], table + 0.5)
+  back, back_config = import_peft(tmp_path / "peft", base_params=params)
+  assert back_config.modules_to_save == ("lm_head",)
+  np.testing.assert_array_equal(back["model"]["embed_tokens"]["saved"]["untied_head"], table + 0.5)
+  # Without the base, the file's lm_head copy cannot land: an error says what to pass.
+  unplaced, _ = import_peft(tmp_path / "peft")
+  with pytest.raises(ValueError, match=r"lm_head/saved/kernel.*base_params=base"):
+    pj.apply(model, pj.combine(params, unplaced), ids, config=back_config)
 
 
 def test_orbax_round_trip_and_checks(tmp_path, qwen2):
@@ -244,23 +287,28 @@ def test_lora_plus_groups_copies_as_peft():
 
 
 # -- the NNX Gemma 3 (tied embeddings) -----------------------------------------------
-def test_gemma3_saved_embedding_gives_peft_logits(tmp_path):
+def _assert_gemma3_peft(model, config, case, tmp_path, saved_key):
+  """``model``'s logits are PEFT's for ``case``; its export has PEFT's keys and saved tensor."""
   inputs = json.loads((HF_TINY / "gemma3" / "reference.json").read_text())
+  logits = np.asarray(model(jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]),
+                            jnp.asarray(inputs["positions"])))
+  real = np.asarray(inputs["attention_mask"], bool)
+  expected = np.asarray(json.loads((HF_TINY / case / "reference.json").read_text())["logits"])
+  np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=1e-4)
+  export_peft(tmp_path, pj.nnx.adapters(model), config)
+  ours = load_file(tmp_path / "adapter_model.safetensors")
+  theirs = load_file(HF_TINY / case / "adapter_model.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  np.testing.assert_array_equal(ours["base_model.model." + saved_key],
+                                theirs["base_model.model." + saved_key])
+
+
+def test_gemma3_saved_embedding_gives_peft_logits(tmp_path):
   adapters, config = import_peft(HF_TINY / "gemma3_saved")
   assert (config.modules_to_save, config.bias) == (("embed_tokens",), "none")
   _, model = load_gemma3_hf(HF_TINY / "gemma3")
   pj.nnx.load_adapters(model, adapters, config)
-  logits = np.asarray(model(jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"]),
-                            jnp.asarray(inputs["positions"])))
-  real = np.asarray(inputs["attention_mask"], bool)
-  expected = np.asarray(json.loads((HF_TINY / "gemma3_saved" / "reference.json").read_text())["logits"])
-  np.testing.assert_allclose(logits[real], expected[real], atol=1e-4, rtol=1e-4)
-  export_peft(tmp_path, pj.nnx.adapters(model), config)
-  ours = load_file(tmp_path / "adapter_model.safetensors")
-  theirs = load_file(HF_TINY / "gemma3_saved" / "adapter_model.safetensors")
-  assert sorted(ours) == sorted(theirs)
-  np.testing.assert_array_equal(ours["base_model.model.model.embed_tokens.weight"],
-                                theirs["base_model.model.model.embed_tokens.weight"])
+  _assert_gemma3_peft(model, config, "gemma3_saved", tmp_path, "model.embed_tokens.weight")
   with pytest.raises(ValueError, match="tied embedding"):
     pj.nnx.merge(model)
   # On an nnx.State the copy becomes an Adapter variable at the module's `saved` dict.
@@ -271,12 +319,37 @@ def test_gemma3_saved_embedding_gives_peft_logits(tmp_path):
   assert isinstance(copy, pj.nnx.Adapter)
 
 
-@pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits test above runs the copy
+def test_gemma3_saved_head_gives_peft_logits(tmp_path):
+  # PEFT 0.21.2 on a tied Gemma 3, modules_to_save=["lm_head"]: an untied copy of the head.
+  inputs = json.loads((HF_TINY / "gemma3" / "reference.json").read_text())
+  _, model = load_gemma3_hf(HF_TINY / "gemma3")
+  base = pj.nnx.params(model)
+  adapters, config = import_peft(HF_TINY / "gemma3_head", base_params=base)
+  assert config.modules_to_save == ("lm_head",)
+  pj.nnx.load_adapters(model, adapters, config)
+  _assert_gemma3_peft(model, config, "gemma3_head", tmp_path / "out", "lm_head.weight")
+  ids, mask = jnp.asarray(inputs["input_ids"]), jnp.asarray(inputs["attention_mask"])
+  np.testing.assert_array_equal(model.model.embed_tokens.embedding.get_value(),
+                                base["model"]["embed_tokens"]["embedding"])
+  loss = gemma3_lm_loss(model, ids[:, :-1], ids[:, 1:], mask[:, 1:], attention_mask=mask[:, :-1])
+  want = causal_lm_loss(model(ids[:, :-1], mask[:, :-1]), ids[:, 1:], mask[:, 1:])
+  np.testing.assert_allclose(loss, want, rtol=1e-5)
+  with pytest.raises(ValueError, match="untied head copy"):
+    pj.nnx.merge(model)
+  # PEFT's ensure_weight_tying (one copy shared by input and head) is refused by name.
+  edit_json(tmp_path / "out" / "adapter_config.json", lambda c: {**c, "ensure_weight_tying": True})
+  with pytest.raises(ValueError, match="ensure_weight_tying"):
+    import_peft(tmp_path / "out")
+
+
+@pytest.mark.slow  # an nnx.jit train step (~20 s under load); the logits tests above run the copies
 def test_gemma3_saved_embedding_trains_the_copy_only():
+  # The embedding and the tied head saved: two separate copies train, the table stays.
   _, model = load_gemma3_hf(HF_TINY / "gemma3")
   original = np.asarray(model.model.embed_tokens.embedding.get_value())
-  config = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("embed_tokens",))
-  with pytest.warns(UserWarning, match="tied head"):
+  config = pj.LoRAConfig(rank=2, target_modules=("q_proj",),
+                         modules_to_save=("embed_tokens", "lm_head"))
+  with pytest.warns(UserWarning, match="tied head"), pytest.warns(UserWarning, match="untied"):
     pj.nnx.lora_transform(model, config, key=jax.random.key(0))
   assert isinstance(model.model.embed_tokens.saved["embedding"], pj.nnx.Adapter)
   optimizer = nnx.Optimizer(model, optax.sgd(1.0), wrt=pj.nnx.Adapter)
@@ -292,7 +365,9 @@ def test_gemma3_saved_embedding_trains_the_copy_only():
   step(model, optimizer)
   np.testing.assert_array_equal(model.model.embed_tokens.embedding.get_value(), original)
   copy = np.asarray(model.model.embed_tokens.saved["embedding"].get_value())
+  head = np.asarray(model.model.embed_tokens.saved["untied_head"].get_value())
   assert np.abs(copy - original).max() > 1e-4
+  assert np.abs(head - original).max() > 1e-4 and np.abs(head - copy).max() > 1e-4
 
 
 def test_multitask_switches_copies_and_refuses_to_stack_them(qwen2):

@@ -78,7 +78,7 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 _UNSUPPORTED_ON_IMPORT = (
     "alora_invocation_tokens", "arrow_config", "layer_replication",
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
-    "lora_bias", "velora_config", "monteclora_config", "kasa_config")
+    "lora_bias", "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
 _REWRITING_INITS = ("pissa", "olora", "loftq")
 _LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block")
 _KEY_SUFFIXES = {
@@ -215,6 +215,12 @@ def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: Pa
     raise ValueError("The saved copies do not match the config: " + "; ".join(problems))
   names = set()
   for path, value in sorted(flat.items()):
+    if path in saved_lib.head_copies(flat):  # a tied model's untied head: PEFT's lm_head copy
+      head = next(n for n in config.modules_to_save if saved_lib.is_head_name(n))
+      hf_name = path_map.to_hf(head)
+      tensors[KEY_PREFIX + hf_name + ".weight"] = np.ascontiguousarray(value)
+      names.add(hf_name.rsplit(".", 1)[-1])
+      continue
     if not saved_lib.is_saved_path(path):
       continue
     module, leaf = targeting.split_path(saved_lib.base_path(path))
@@ -430,6 +436,21 @@ def _check_copies(copies: Mapping[str, Mapping[str, np.ndarray]], key_of: Mappin
                            f"the base param {saved_lib.base_path(path)!r} has {found}")
 
 
+def _untie_head(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str],
+                base_params: Mapping[str, Any]) -> None:
+  """A saved head (``lm_head/saved/kernel``) of a base with tied embeddings becomes
+  the embedding's untied head copy ``<embedding>/saved/untied_head``, in place."""
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0])
+  for module in [m for m in copies if set(copies[m]) == {"kernel"}]:
+    owner = targeting.split_path(module)[0]
+    embedding = saved_lib.tied_embedding(base_flat, owner)
+    if f"{owner}/kernel" in base_flat or embedding is None:
+      continue
+    key_of[f"{embedding}/{saved_lib.SAVED}/{saved_lib.HEAD}"] = key_of.pop(f"{module}/kernel")
+    copies.setdefault(f"{embedding}/{saved_lib.SAVED}", {})[saved_lib.HEAD] = (
+        copies.pop(module)["kernel"].T)
+
+
 def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
                    path_map: PathMap) -> tuple[str, ...] | None:
   """Our ``modules_to_save``: the last names of the modules copied whole."""
@@ -596,7 +617,9 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
                for m in copies):
       raise ut.malformed(config_path, "modules_to_save", saved_names,
                          f"{weights_path} holds no tensor of a module named {name!r}")
+  saved_modules = _saved_modules(copies, saved_names, path_map)
   if base_params is not None and not scanned:
+    _untie_head(copies, key_of, base_params)
     _check_copies(copies, key_of, base_params, weights_path)
   modules = dict(per_layer)
   if scanned:
@@ -636,7 +659,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
       alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
                      if a != default_alpha},
-      modules_to_save=_saved_modules(copies, saved_names, path_map), bias=bias)
+      modules_to_save=saved_modules, bias=bias)
   problems = saved_lib.config_misfits(flat, config)
   if problems:
     raise ut.FileFormatError(f"{weights_path}: the saved tensors do not match "

@@ -21,7 +21,8 @@ views that add the adapter term to every product they enter.
 A module holding trainable copies (``<module>/saved``, from
 ``modules_to_save`` or ``bias``: :mod:`peft_jax.lora.saved`) runs with the
 copies in place of its params (``nn.Embed`` in ``__call__`` only: a tied
-head, ``Embed.attend``, keeps the original, as PEFT).
+head, ``Embed.attend``, keeps the original, as PEFT, unless the head itself
+was saved: then ``attend`` uses its untied copy ``saved/untied_head``).
 
 Never silent: when an apply inside :func:`intercept` ends with an adapter
 leaf that added nothing (its module was never called, or no product used its
@@ -42,6 +43,7 @@ from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora import terms
 from peft_jax.lora import ops, quantized
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora.config import LoRAConfig
 from peft_jax.lora.nnx_guard import guard as nnx_guard
 from peft_jax.lora.transform import is_quantized, kernel_value
@@ -164,6 +166,13 @@ def _embed_lookup(module: nn.Embed, copies: Mapping[str, Any], args, kwargs) -> 
   return jnp.take(table, ids, axis=0)
 
 
+def _embed_attend(module: nn.Embed, table: jax.Array, args, kwargs) -> jax.Array:
+  """``nn.Embed.attend`` on the untied head copy (``saved/untied_head``)."""
+  query = args[0] if args else kwargs["query"]
+  query, table = module.promote_dtype(query, table, dtype=module.dtype)
+  return jnp.dot(query, table.T)
+
+
 class _Interceptor:
   """Callable for ``nn.intercept_methods`` (see module docstring)."""
 
@@ -204,6 +213,8 @@ class _Interceptor:
       return self._route(module, next_fun, args, kwargs, context)
     # A saved module or bias (peft_jax.lora.saved): the copies stand in.
     self.contributed.add(f"{module_path(module)}/{targeting.SAVED}")
+    if isinstance(module, nn.Embed) and context.method_name == "attend":
+      return _embed_attend(module, copies[saved_lib.HEAD], args, kwargs)
     if isinstance(module, nn.Embed):
       return _embed_lookup(module, copies, args, kwargs)
     with substituted(scope, copies):
@@ -211,13 +222,19 @@ class _Interceptor:
 
   @staticmethod
   def _copies(module, method_name):
-    """The module's trainable copies; a tied head (``Embed.attend``) keeps the original."""
-    if isinstance(module, nn.Embed) and method_name != "__call__":
-      return {}
+    """The module's trainable copies; a tied head (``Embed.attend``) keeps the original
+    unless the head was copied untied (``saved/untied_head``, :mod:`peft_jax.lora.saved`)."""
     if not module.has_variable("params", targeting.SAVED):
       return {}
     copies = module.get_variable("params", targeting.SAVED)
-    return dict(copies) if isinstance(copies, Mapping) else {}
+    copies = dict(copies) if isinstance(copies, Mapping) else {}
+    if isinstance(module, nn.Embed):
+      head = copies.pop(saved_lib.HEAD, None)
+      if method_name == "attend":
+        return {} if head is None else {saved_lib.HEAD: head}
+      if method_name != "__call__":
+        return {}
+    return copies
 
   def _route(self, module, next_fun, args, kwargs, context):
     if isinstance(module, SUPPORTED):

@@ -15,6 +15,13 @@ copies in place of its params (``Embed.__call__`` only: a tied head,
 ``Embed.attend``, keeps the original embedding, as PEFT without
 ``ensure_weight_tying``). :func:`peft_jax.merge` replaces the base params by
 the copies.
+
+The output head of a tied model (``modules_to_save=["lm_head"]`` without an
+``lm_head`` of its own) is copied untied, as PEFT deep-copies ``lm_head``:
+``<embedding module>/saved/untied_head`` (a copy of the ``(vocab, hidden)``
+table) is what ``Embed.attend`` uses, while the input lookup keeps the base
+table. PEFT's ``ensure_weight_tying`` (one copy shared by both) is not
+implemented.
 """
 
 from __future__ import annotations
@@ -29,6 +36,7 @@ import jax.numpy as jnp
 from peft_jax import targeting
 
 SAVED = targeting.SAVED
+HEAD = "untied_head"  # a tied model's head copy, in the embedding's `saved` dict
 
 
 def is_saved_path(path: str) -> bool:
@@ -40,6 +48,7 @@ def base_path(path: str) -> str:
   """The base leaf a copy stands for: ``lm_head/saved/kernel`` -> ``lm_head/kernel``."""
   module, leaf = targeting.split_path(path)
   owner = targeting.split_path(module)[0]
+  leaf = "embedding" if leaf == HEAD else leaf  # the head copy of a tied embedding
   return f"{owner}/{leaf}" if owner else leaf
 
 
@@ -61,11 +70,31 @@ def _module_leaves(flat: Mapping[str, Any]) -> dict[str, list[str]]:
   return modules
 
 
+def is_head_name(name: str) -> bool:
+  """Whether a ``modules_to_save`` entry names an output head (``lm_head``, ...)."""
+  return name.rsplit("/", 1)[-1] in targeting.OUTPUT_HEAD_NAMES
+
+
+def tied_embedding(flat: Mapping[str, Any], name: str) -> str | None:
+  """The embedding module that is the head, when ``name`` names the absent head of a tied model."""
+  if not is_head_name(name) or not _tied(flat):
+    return None
+  tables = [m for m in _module_leaves(flat) if f"{m}/embedding" in flat]
+  return tables[0] if len(tables) == 1 else None
+
+
+def head_copies(flat: Mapping[str, Any]) -> list[str]:
+  """The untied head copies (``.../saved/untied_head``) in ``flat``."""
+  return [p for p in flat if is_saved_path(p) and targeting.split_path(p)[1] == HEAD]
+
+
 def _saved_modules(flat: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
   modules = _module_leaves(flat)
   chosen = []
   for name in names:
     hits = [m for m in modules if m and targeting.name_matches(name, m)]
+    if not hits and tied_embedding(flat, name) is not None:
+      continue  # the head of a tied model: add_copies copies it untied
     if not hits:
       close = difflib.get_close_matches(name, sorted(modules), n=5, cutoff=0.3)
       raise ValueError(
@@ -120,6 +149,20 @@ def add_copies(flat: dict[str, Any], config) -> list[str]:
     copies += modules[module]
   if config.bias != "none":
     copies += [p for p in _bias_paths(flat, config.bias) if p not in copies]
+  heads = {tied_embedding(flat, n) for n in config.modules_to_save or ()} - {None}
+  for module in heads:
+    path = f"{module}/{SAVED}/{HEAD}"
+    if path in flat:
+      raise ValueError(f"{path!r} exists already: merge or split the copies off first.")
+    table = flat[f"{module}/embedding"]
+    table = table.dequantize() if hasattr(table, "dequantize") else table
+    flat[path] = jnp.array(table, copy=True)
+    warnings.warn(
+        f"modules_to_save names the output head of a model with tied embeddings: the head "
+        f"becomes an untied trainable copy of {module!r} ({path}), used by Embed.attend; the "
+        "input lookup keeps the original table, as PEFT's deep copy of lm_head without "
+        "ensure_weight_tying. peft_jax.merge refuses it (one table cannot hold both).",
+        stacklevel=3)
   for path in copies:
     if copy_path(path) in flat:
       raise ValueError(f"{copy_path(path)!r} exists already: merge or split the copies off first.")
@@ -147,7 +190,10 @@ def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None)
       continue
     original = base_flat.get(base_path(path))
     if original is None:
-      problems.append(f"{path}: a saved copy, but the base has no {base_path(path)!r}")
+      head = tied_embedding(base_flat, targeting.split_path(base_path(path))[0])
+      hint = (f" (the base's head is its tied embedding {head!r}: import_peft(..., "
+              "base_params=base) makes this the untied head copy)") if head else ""
+      problems.append(f"{path}: a saved copy, but the base has no {base_path(path)!r}{hint}")
     elif tuple(getattr(original, "shape", ())) != tuple(getattr(value, "shape", ())):
       problems.append(f"{path}: shape {tuple(value.shape)} but the base "
                       f"{base_path(path)!r} is {tuple(original.shape)}")
@@ -169,6 +215,10 @@ def merge_copies(flat: dict[str, Any]) -> None:
       change the outputs.
   """
   tied = [p for p in flat if is_saved_path(p) and p.endswith("/embedding")]
+  if head_copies(flat):
+    raise ValueError(
+        f"Cannot merge the untied head copy {head_copies(flat)[0]!r} into a model with tied "
+        "embeddings: its head and input lookup would need two tables. Serve it unmerged.")
   if tied and _tied(flat):
     raise ValueError(
         f"Cannot merge the saved copy {tied[0]!r} of a tied embedding: the adapted model runs "
@@ -183,11 +233,16 @@ def merge_copies(flat: dict[str, Any]) -> None:
 def config_misfits(flat: Mapping[str, Any], config) -> list[str]:
   """Where the copies in ``flat`` and ``config``'s ``modules_to_save``/``bias`` disagree."""
   copies = sorted({targeting.split_path(targeting.split_path(p)[0])[0]
-                   for p in flat if is_saved_path(p)})
+                   for p in flat if is_saved_path(p) and not p.endswith(f"/{HEAD}")})
   biases = [p for p in flat if is_saved_path(p) and p.endswith("/bias")]
   names = config.modules_to_save or ()
+  heads = [n for n in names if is_head_name(n)]
   problems = [f"modules_to_save entry {n!r}: no saved copy of such a module"
-              for n in names if not any(targeting.name_matches(n, m) for m in copies)]
+              for n in names if not any(targeting.name_matches(n, m) for m in copies)
+              and not (n in heads and head_copies(flat))]
+  if head_copies(flat) and not heads:
+    problems.append(f"{head_copies(flat)[0]}: an untied head copy, but modules_to_save names "
+                    "no output head")
   if config.bias != "none" and not biases:
     problems.append(f"bias={config.bias!r}: no saved bias copy")
   for module in copies:

@@ -32,6 +32,7 @@ from flax.linen import module as linen_module
 from peft_jax import targeting
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora import ops
+from peft_jax.lora import saved as saved_lib
 from peft_jax.lora import terms
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import is_quantized, kernel_value
@@ -75,11 +76,12 @@ def _peft_call(self, *args, **kwargs):
 def with_copies(module, call):
   """``call()`` with the module's trainable copies (its ``saved`` dict, see
   :mod:`peft_jax.lora.saved`) standing in for its params. Only ``__call__``
-  runs here: a tied head (``Embed.attend``) keeps the original, as in PEFT."""
+  runs here: a tied head (``Embed.attend``) keeps the original, as in PEFT,
+  unless the head was saved (``saved/untied_head``, see :func:`_peft_attend`)."""
   copies = getattr(module, targeting.SAVED, None)
   if not isinstance(copies, nnx.Dict):
     return call()
-  names = [name for name, _ in copies.items()]
+  names = [name for name, _ in copies.items() if name != saved_lib.HEAD]
   originals = {name: getattr(module, name).get_value() for name in names}
   try:
     for name in names:
@@ -90,10 +92,28 @@ def with_copies(module, call):
       getattr(module, name).set_value(value)
 
 
+def _peft_attend(self, query):
+  """``Embed.attend`` (a tied head) on the untied head copy when the head was saved."""
+  copies = getattr(self, targeting.SAVED, None)
+  head = super(type(self), self).attend
+  copy = dict(copies.items()).get(saved_lib.HEAD) if isinstance(copies, nnx.Dict) else None
+  if copy is None:
+    return head(query)
+  original = self.embedding.get_value()
+  try:
+    self.embedding.set_value(copy.get_value())
+    return head(query)
+  finally:
+    self.embedding.set_value(original)
+
+
 def _subclass(base: type, call) -> type:
   if is_peft_class(base):
     return base
-  return type(f"Peft{base.__name__}", (base,), {"__module__": __name__, "__call__": call, PEFT_MARKER: base})
+  methods = {"__module__": __name__, "__call__": call, PEFT_MARKER: base}
+  if issubclass(base, nnx.Embed):
+    methods["attend"] = _peft_attend
+  return type(f"Peft{base.__name__}", (base,), methods)
 
 
 @functools.cache
