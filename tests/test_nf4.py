@@ -242,7 +242,7 @@ def test_round_trip_error_matches_bitsandbytes():
     assert 0.06 < err < bound
 
 
-@settings(max_examples=12, deadline=None)
+@settings(max_examples=6, deadline=None)
 @given(
     k_blocks=st.integers(1, 4), n=st.integers(1, 12), log_bs=st.integers(4, 7),
     ragged=st.integers(0, 15), quant_type=st.sampled_from(["nf4", "fp4"]),
