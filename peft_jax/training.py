@@ -66,7 +66,8 @@ def _plain_head(model: nn.Module, params: Mapping[str, Any]):
   try:
     if model.config.tie_word_embeddings:
       embed = params["model"]["embed_tokens"]
-      head = embed.get(saved_lib.SAVED, {}).get(saved_lib.HEAD)  # the head saved untied
+      saved = embed.get(saved_lib.SAVED, {})  # the head saved untied, or tied to the lookup
+      head = saved.get(saved_lib.HEAD, saved.get(saved_lib.TIED))
       weight, vocab_axis = embed["embedding"] if head is None else head, 0
     else:
       head = params["lm_head"]

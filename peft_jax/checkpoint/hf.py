@@ -78,7 +78,7 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 _UNSUPPORTED_ON_IMPORT = (
     "alora_invocation_tokens", "arrow_config", "layer_replication",
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
-    "lora_bias", "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
+    "lora_bias", "velora_config", "monteclora_config", "kasa_config")
 _REWRITING_INITS = ("pissa", "olora", "loftq")
 _LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block")
 _KEY_SUFFIXES = {
@@ -214,7 +214,11 @@ def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: Pa
   if problems:
     raise ValueError("The saved copies do not match the config: " + "; ".join(problems))
   names = set()
+  tied_names = []
   for path, value in sorted(flat.items()):
+    if path in saved_lib.tied_copies(flat):
+      tied_names.append(_export_tied(path, value, config, path_map, tensors, names))
+      continue
     if path in saved_lib.head_copies(flat):  # a tied model's untied head: PEFT's lm_head copy
       head = next(n for n in config.modules_to_save if saved_lib.is_head_name(n))
       hf_name = path_map.to_hf(head)
@@ -240,7 +244,23 @@ def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: Pa
       tensors[KEY_PREFIX + hf_name + suffix] = np.ascontiguousarray(array)
       if whole:
         names.add(hf_name.rsplit(".", 1)[-1])
-  return sorted(names) or None
+  # PEFT's ensure_weight_tying appends the embedding's full name to modules_to_save.
+  return sorted(names) + [n for n in tied_names if n not in names] or None
+
+
+def _export_tied(path: str, value: Any, config: LoRAConfig, path_map: PathMap,
+                 tensors: dict[str, np.ndarray], names: set[str]) -> str:
+  """The shared copy of ``ensure_weight_tying`` under PEFT's two keys (the embedding's and
+  the tied head's ``.weight``, the same table); returns the embedding's full name."""
+  module = targeting.split_path(targeting.split_path(path)[0])[0]
+  hf_name = path_map.to_hf(module)
+  head = next((n for n in config.modules_to_save or () if saved_lib.is_head_name(n)), "lm_head")
+  array = np.ascontiguousarray(value)
+  tensors[KEY_PREFIX + hf_name + ".weight"] = array
+  tensors[KEY_PREFIX + path_map.to_hf(head) + ".weight"] = array
+  if any(targeting.name_matches(n, module) for n in config.modules_to_save or ()):
+    names.add(hf_name.rsplit(".", 1)[-1])
+  return hf_name
 
 
 def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRAConfig,
@@ -317,6 +337,7 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       init_lora_weights=True if config.init == "default" else config.init,
       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
       target_modules=_target_modules(config, our_paths, hf_names),
+      ensure_weight_tying=config.ensure_weight_tying,
       base_model_name_or_path=base_model_name_or_path, task_type=task_type)
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -356,7 +377,7 @@ def _read_config(config_path: str) -> dict[str, Any]:
   dropout = ut.require_number(config_path, "lora_dropout", hf_config.get("lora_dropout", 0.0))
   if not 0.0 <= dropout < 1.0:
     raise ut.malformed(config_path, "lora_dropout", dropout, "expected a rate in [0, 1)")
-  for name in ("use_rslora", "use_dora"):
+  for name in ("use_rslora", "use_dora", "ensure_weight_tying"):
     ut.require_bool(config_path, name, hf_config.get(name, False))
   alpha_pattern = ut.literal_patterns(config_path, "alpha_pattern",
                                       hf_config.get("alpha_pattern") or {})
@@ -449,6 +470,46 @@ def _untie_head(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str]
     key_of[f"{embedding}/{saved_lib.SAVED}/{saved_lib.HEAD}"] = key_of.pop(f"{module}/kernel")
     copies.setdefault(f"{embedding}/{saved_lib.SAVED}", {})[saved_lib.HEAD] = (
         copies.pop(module)["kernel"].T)
+
+
+def _is_tied_head_key(key: str, saved_names: Sequence[str]) -> bool:
+  """An ``ensure_weight_tying`` file's head key (``...lm_head.weight``): an output head's
+  weight that ``modules_to_save`` does not name (PEFT takes the tied head out of it)."""
+  hf_name, _, leaf = key[len(KEY_PREFIX):].rpartition(".")
+  return (key.startswith(KEY_PREFIX) and leaf == "weight"
+          and saved_lib.is_head_name(hf_name.rsplit(".", 1)[-1])
+          and not _is_saved_module(hf_name, saved_names))
+
+
+def _tie_copies(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str],
+                tied_heads: Mapping[str, np.ndarray], saved_names: Sequence[str],
+                path_map: PathMap, weights_path: str) -> tuple[str, ...]:
+  """Makes the saved embedding of an ``ensure_weight_tying`` file the shared copy
+  ``<embedding>/saved/tied_embedding`` (each head key must hold the same bits); returns
+  our ``modules_to_save``: the file's names without the embedding's full name PEFT
+  appended, plus the head."""
+  tables = [m for m, leaves in copies.items() if "embedding" in leaves]
+  if len(tables) != 1:
+    raise ut.FileFormatError(
+        f"{weights_path}: ensure_weight_tying and the tied head's {sorted(tied_heads)} need "
+        f"exactly one saved embedding to share, found {len(tables)} ({sorted(tables)}).")
+  module = tables[0]
+  table = copies[module]["embedding"]
+  embed_key = key_of.pop(f"{module}/embedding")
+  for key, value in sorted(tied_heads.items()):
+    if (value.dtype != table.dtype or value.shape != table.shape
+        or value.tobytes() != table.tobytes()):
+      raise ut.FileFormatError(
+          f"{weights_path}: ensure_weight_tying, but {key!r} {value.dtype}{list(value.shape)} "
+          f"and {embed_key!r} {table.dtype}{list(table.shape)} differ: the tied head and the "
+          "embedding must be one table.")
+  copies[module][saved_lib.TIED] = copies[module].pop("embedding")
+  key_of[f"{module}/{saved_lib.TIED}"] = embed_key
+  full = path_map.to_hf(targeting.split_path(module)[0])
+  names = set(_saved_modules(copies, [n for n in saved_names if n != full], path_map) or ())
+  heads = {path_map.from_hf(k[len(KEY_PREFIX): -len(".weight")]).rsplit("/", 1)[-1]
+           for k in tied_heads}
+  return tuple(sorted(names | heads))
 
 
 def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
@@ -576,7 +637,12 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   hf_name_of: dict[str, str] = {}
   copies: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   key_of: dict[str, str] = {}
+  tying = hf_config.get("ensure_weight_tying", False)
+  tied_heads: dict[str, np.ndarray] = {}  # ensure_weight_tying: the head's key of the shared table
   for key, value in _read_weights(weights_path).items():
+    if tying and _is_tied_head_key(key, saved_names):
+      tied_heads[key] = value
+      continue
     parsed = _parse_key(key)
     copy = None if parsed else _parse_copy(key, value, bias, saved_names, path_map)
     if copy is not None:
@@ -618,6 +684,15 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       raise ut.malformed(config_path, "modules_to_save", saved_names,
                          f"{weights_path} holds no tensor of a module named {name!r}")
   saved_modules = _saved_modules(copies, saved_names, path_map)
+  if tied_heads:
+    saved_modules = _tie_copies(copies, key_of, tied_heads, saved_names, path_map, weights_path)
+  if tying and per_layer and any(
+      saved_lib.is_head_name(p) for p in per_layer) and any(
+          p.rsplit("/", 1)[-1] in path_map.embedding_names for p in per_layer):
+    raise ValueError(
+        f"{config_path}: ensure_weight_tying with LoRA on both the embedding and the output "
+        "head (PEFT's tied LoRA adapters, the head reusing the embedding's A and B) is not "
+        "implemented in peft_jax.")
   if base_params is not None and not scanned:
     _untie_head(copies, key_of, base_params)
     _check_copies(copies, key_of, base_params, weights_path)
@@ -659,7 +734,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
       alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
                      if a != default_alpha},
-      modules_to_save=saved_modules, bias=bias)
+      modules_to_save=saved_modules, bias=bias, ensure_weight_tying=tying)
   problems = saved_lib.config_misfits(flat, config)
   if problems:
     raise ut.FileFormatError(f"{weights_path}: the saved tensors do not match "

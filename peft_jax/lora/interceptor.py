@@ -22,7 +22,8 @@ A module holding trainable copies (``<module>/saved``, from
 ``modules_to_save`` or ``bias``: :mod:`peft_jax.lora.saved`) runs with the
 copies in place of its params (``nn.Embed`` in ``__call__`` only: a tied
 head, ``Embed.attend``, keeps the original, as PEFT, unless the head itself
-was saved: then ``attend`` uses its untied copy ``saved/untied_head``).
+was saved: then ``attend`` uses its untied copy ``saved/untied_head``; with
+``ensure_weight_tying`` both read the one copy ``saved/tied_embedding``).
 
 Never silent: when an apply inside :func:`intercept` ends with an adapter
 leaf that added nothing (its module was never called, or no product used its
@@ -223,13 +224,17 @@ class _Interceptor:
   @staticmethod
   def _copies(module, method_name):
     """The module's trainable copies; a tied head (``Embed.attend``) keeps the original
-    unless the head was copied untied (``saved/untied_head``, :mod:`peft_jax.lora.saved`)."""
+    unless the head was copied untied (``saved/untied_head``, :mod:`peft_jax.lora.saved`)
+    or shares the lookup's copy (``saved/tied_embedding``, ``ensure_weight_tying``)."""
     if not module.has_variable("params", targeting.SAVED):
       return {}
     copies = module.get_variable("params", targeting.SAVED)
     copies = dict(copies) if isinstance(copies, Mapping) else {}
     if isinstance(module, nn.Embed):
       head = copies.pop(saved_lib.HEAD, None)
+      tied = copies.pop(saved_lib.TIED, None)  # ensure_weight_tying: both uses read it
+      if tied is not None:
+        head, copies = tied, {**copies, "embedding": tied}
       if method_name == "attend":
         return {} if head is None else {saved_lib.HEAD: head}
       if method_name != "__call__":

@@ -77,15 +77,18 @@ def with_copies(module, call):
   """``call()`` with the module's trainable copies (its ``saved`` dict, see
   :mod:`peft_jax.lora.saved`) standing in for its params. Only ``__call__``
   runs here: a tied head (``Embed.attend``) keeps the original, as in PEFT,
-  unless the head was saved (``saved/untied_head``, see :func:`_peft_attend`)."""
+  unless the head was saved (``saved/untied_head``) or tied to the lookup's copy
+  (``saved/tied_embedding``), see :func:`_peft_attend`."""
   copies = getattr(module, targeting.SAVED, None)
   if not isinstance(copies, nnx.Dict):
     return call()
-  names = [name for name, _ in copies.items() if name != saved_lib.HEAD]
-  originals = {name: getattr(module, name).get_value() for name in names}
+  values = {name: var.get_value() for name, var in copies.items() if name != saved_lib.HEAD}
+  if saved_lib.TIED in values:  # ensure_weight_tying: the lookup reads the shared copy
+    values["embedding"] = values.pop(saved_lib.TIED)
+  originals = {name: getattr(module, name).get_value() for name in values}
   try:
-    for name in names:
-      getattr(module, name).set_value(copies[name].get_value())
+    for name, value in values.items():
+      getattr(module, name).set_value(value)
     return call()
   finally:
     for name, value in originals.items():
@@ -93,10 +96,12 @@ def with_copies(module, call):
 
 
 def _peft_attend(self, query):
-  """``Embed.attend`` (a tied head) on the untied head copy when the head was saved."""
+  """``Embed.attend`` (a tied head) on the untied head copy when the head was saved, or on
+  the copy it shares with the lookup (``saved/tied_embedding``, ``ensure_weight_tying``)."""
   copies = getattr(self, targeting.SAVED, None)
   head = super(type(self), self).attend
-  copy = dict(copies.items()).get(saved_lib.HEAD) if isinstance(copies, nnx.Dict) else None
+  copies = dict(copies.items()) if isinstance(copies, nnx.Dict) else {}
+  copy = copies.get(saved_lib.HEAD, copies.get(saved_lib.TIED))
   if copy is None:
     return head(query)
   original = self.embedding.get_value()

@@ -13,6 +13,7 @@ PEFT model's float32 logits on the base's `reference.json` inputs go to
 `hf_tiny/<case>/reference.json` with the list of trainable parameter names.
 """
 
+import copy
 import json
 import pathlib
 import sys
@@ -38,6 +39,13 @@ LATER = {
     # The tied head saved: PEFT deep-copies lm_head (an untied trained head; the input
     # embedding keeps the original table) and warns.
     "gemma3_head": ("gemma3", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    # ensure_weight_tying: ONE trained copy of the table, read by the input lookup and the
+    # tied head; saved under both keys (lm_head.weight, model.embed_tokens.weight).
+    "gemma3_tied": ("gemma3", dict(target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                   ensure_weight_tying=True)),
+    "gemma3_tied_embed": ("gemma3", dict(target_modules=["q_proj"],
+                                         modules_to_save=["embed_tokens"],
+                                         ensure_weight_tying=True)),
 }
 
 
@@ -53,7 +61,8 @@ def main(only=()):
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config,
                                                               dtype=torch.float32)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **options)
+    # A copy: ensure_weight_tying rewrites the modules_to_save list it is given in place.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **copy.deepcopy(options))
     model = peft.get_peft_model(model, lora)
     torch.manual_seed(100 + seed)
     trainable = []

@@ -1,0 +1,184 @@
+"""PEFT's ``ensure_weight_tying=True`` on tied models: ONE trainable copy of the table.
+
+The PEFT side comes from tests/data/make_peft_options_reference.py (peft
+0.21.2 on the tiny tied Gemma 3 of hf_tiny/gemma3): hf_tiny/gemma3_tied
+(``modules_to_save=["lm_head"]``) and hf_tiny/gemma3_tied_embed
+(``modules_to_save=["embed_tokens"]``), both with ``ensure_weight_tying=True``:
+one trained copy that the input lookup and the tied head share, written under
+both ``model.embed_tokens.weight`` and ``lm_head.weight``. The linen side is a
+tiny tied Llama (SmolLM2's ``tie_word_embeddings``) with closed-form oracles.
+"""
+
+import json
+import pathlib
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+
+import peft_jax as pj
+from hostile_helpers import edit_json
+from peft_jax import training
+from peft_jax.checkpoint import export_peft, import_peft
+from peft_jax.models.gemma3_checkpoint import load_gemma3_hf
+from peft_jax.models.llama import LlamaConfig, LlamaForCausalLM, causal_lm_loss
+
+HF_TINY = pathlib.Path(__file__).parent / "data" / "hf_tiny"
+INPUTS = json.loads((HF_TINY / "gemma3" / "reference.json").read_text())
+HEAD_KEY, EMBED_KEY = "base_model.model.lm_head.weight", "base_model.model.model.embed_tokens.weight"
+
+
+def _tied_llama(tie=True):
+  config = LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, tie_word_embeddings=tie)
+  model = LlamaForCausalLM(config)
+  ids = (jnp.arange(16).reshape(2, 8) * 5) % 64
+  return model, model.init(jax.random.PRNGKey(0), ids)["params"], ids
+
+
+def _transform(params, config):
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")  # ensure_weight_tying on a tied model: nothing to warn about
+    return pj.lora_transform(params, config, key=jax.random.PRNGKey(1))
+
+
+def _with_table(params, table):
+  return {**params, "model": {**params["model"], "embed_tokens": {"embedding": table}}}
+
+
+@pytest.mark.parametrize("names", [("lm_head",), ("embed_tokens",), ("embed_tokens", "lm_head")])
+def test_one_copy_serves_lookup_and_head(names):
+  model, params, ids = _tied_llama()
+  lora = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=names,
+                       ensure_weight_tying=True)
+  full = _transform(params, lora)
+  saved = full["model"]["embed_tokens"]["saved"]
+  assert set(saved) == {"tied_embedding"}
+  table = params["model"]["embed_tokens"]["embedding"]
+  np.testing.assert_array_equal(saved["tied_embedding"], table)
+  saved["tied_embedding"] = table + 0.25 * jnp.cos(table * 7.0)
+  # Oracle: the plain model whose one table is the copy (lookup and head alike).
+  want = model.apply({"params": _with_table(params, saved["tied_embedding"])}, ids)
+  logits = pj.apply(model, full, ids, config=lora)
+  np.testing.assert_allclose(logits, want, atol=1e-5)
+  # merge writes the copy into the one table: the plain model computes the same.
+  merged = pj.merge(full, lora)
+  np.testing.assert_array_equal(merged["model"]["embed_tokens"]["embedding"],
+                                saved["tied_embedding"])
+  np.testing.assert_allclose(model.apply({"params": merged}, ids), logits, atol=1e-6)
+
+
+def test_the_shared_copy_gets_both_uses_gradients(tmp_path):
+  model, params, ids = _tied_llama()
+  lora = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("lm_head",),
+                       ensure_weight_tying=True)
+  adapters, base = pj.split(_transform(params, lora), lora)
+  copy = adapters["model"]["embed_tokens"]["saved"]["tied_embedding"] + 0.1
+  adapters["model"]["embed_tokens"]["saved"]["tied_embedding"] = copy
+  loss_of = lambda a: training.lm_loss(model, lora, pj.combine(base, a), ids, ids)  # fused head
+  loss, grads = jax.value_and_grad(loss_of)(adapters)
+  logits = pj.apply(model, pj.combine(base, adapters), ids, config=lora)
+  np.testing.assert_allclose(loss, causal_lm_loss(logits, ids), rtol=1e-6)
+  tied = grads["model"]["embed_tokens"]["saved"]["tied_embedding"]
+  # The head's part in closed form: logits = h C^T, mean cross-entropy over the N tokens.
+  hidden = model.apply({"params": _with_table(params, copy)}, ids, method=lambda m, x: m.model(x))
+  d_logits = (jax.nn.softmax(logits, -1) - jax.nn.one_hot(ids, 64)) / ids.size
+  head_part = jnp.einsum("btv,btd->vd", d_logits, hidden)
+  # The lookup's part: the same copy read by the lookup only (the head a separate constant).
+  untied = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("embed_tokens",))
+  with pytest.warns(UserWarning, match="input lookup only"):
+    lookup_adapters, _ = pj.split(pj.lora_transform(_with_table(params, copy), untied,
+                                                    key=jax.random.PRNGKey(1)), untied)
+  lookup_adapters["model"]["layers_0"] = adapters["model"]["layers_0"]
+  lookup_part = jax.grad(lambda a: causal_lm_loss(pj.apply(
+      model, pj.combine(_with_table(base, copy), a), ids, config=untied), ids))(
+          lookup_adapters)["model"]["embed_tokens"]["saved"]["embedding"]
+  assert np.abs(head_part).max() > 1e-3 and np.abs(lookup_part).max() > 1e-3
+  np.testing.assert_allclose(tied, head_part + lookup_part, atol=1e-6)
+  # Orbax keeps the copy and the option; a base with its own head is refused.
+  pj.save_lora_state_dict(tmp_path / "orbax", adapters, lora)
+  restored, restored_config = pj.load_lora_state_dict(tmp_path / "orbax", base_params=params)
+  assert restored_config == lora
+  np.testing.assert_array_equal(restored["model"]["embed_tokens"]["saved"]["tied_embedding"], copy)
+  _, untied_params, _ = _tied_llama(tie=False)
+  with pytest.raises(ValueError, match="tied_embedding: a copy shared with the tied head"):
+    pj.load_lora_state_dict(tmp_path / "orbax", base_params=untied_params)
+  with pytest.raises(ValueError, match="ensure_weight_tying is False"):
+    pj.save_lora_state_dict(tmp_path / "other", adapters, lora.replace(ensure_weight_tying=False))
+
+
+def test_export_and_import_write_both_keys(tmp_path):
+  _, params, _ = _tied_llama()
+  lora = pj.LoRAConfig(rank=2, target_modules=("q_proj",), modules_to_save=("lm_head",),
+                       ensure_weight_tying=True)
+  adapters, _ = pj.split(_transform(params, lora), lora)
+  written = export_peft(tmp_path, adapters, lora)
+  assert (written["ensure_weight_tying"], written["modules_to_save"]) == (
+      True, ["model.embed_tokens"])
+  tensors = load_file(tmp_path / "adapter_model.safetensors")
+  np.testing.assert_array_equal(tensors[HEAD_KEY], tensors[EMBED_KEY])
+  back, back_config = import_peft(tmp_path, base_params=params)
+  assert back_config == lora.replace(target_modules=back_config.target_modules)
+  # The two keys must hold the same bits: one flipped bit is an error naming both.
+  bits = tensors[HEAD_KEY].view(np.uint32).copy()
+  bits[3, 5] ^= 1
+  tensors[HEAD_KEY] = bits.view(np.float32)
+  save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"lm_head\.weight.*embed_tokens\.weight.*differ"):
+    import_peft(tmp_path)
+  # Without the option, the head key is a tensor no module claims.
+  tensors[HEAD_KEY] = tensors[EMBED_KEY]
+  save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+  edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "ensure_weight_tying": False})
+  with pytest.raises(ValueError, match="not LoRA weights.*lm_head"):
+    import_peft(tmp_path)
+
+
+def test_the_option_that_cannot_act_warns_or_refuses():
+  model, params, _ = _tied_llama()
+  # No tied table (an untied head): PEFT warns and trains separate copies; so do we.
+  _, untied, _ = _tied_llama(tie=False)
+  lora = pj.LoRAConfig(rank=2, modules_to_save=("lm_head",), ensure_weight_tying=True)
+  with pytest.warns(UserWarning, match="no tied embeddings"):
+    full = pj.lora_transform(untied, lora, key=jax.random.PRNGKey(1))
+  assert set(full["lm_head"]["saved"]) == {"kernel"}
+  # A tied model whose saved modules do not touch the table: nothing to tie (PEFT warns).
+  with pytest.warns(UserWarning, match="names neither the tied embedding nor the output head"):
+    pj.lora_transform(params, lora.replace(modules_to_save=("norm",)), key=jax.random.PRNGKey(1))
+  # LoRA on the tied embedding (PEFT ties the head's LoRA to it): refused by name.
+  with pytest.raises(ValueError, match="ensure_weight_tying=True with LoRA on the tied embedding"):
+    pj.lora_transform(params, pj.LoRAConfig(rank=2, target_modules=("embed_tokens",),
+                                            ensure_weight_tying=True), key=jax.random.PRNGKey(1))
+
+
+# -- the NNX Gemma 3 against PEFT 0.21.2 ------------------------------------------------
+@pytest.mark.parametrize("case,names", [("gemma3_tied", ("lm_head",)),
+                                        ("gemma3_tied_embed", ("embed_tokens", "lm_head"))])
+def test_gemma3_tied_copy_is_peft(tmp_path, case, names):
+  _, model = load_gemma3_hf(HF_TINY / "gemma3")
+  base = pj.nnx.params(model)
+  adapters, config = import_peft(HF_TINY / case, base_params=base)
+  assert (config.modules_to_save, config.ensure_weight_tying) == (names, True)
+  saved = adapters["model"]["embed_tokens"]["saved"]
+  theirs = load_file(HF_TINY / case / "adapter_model.safetensors")
+  np.testing.assert_array_equal(saved["tied_embedding"], theirs[HEAD_KEY])
+  pj.nnx.load_adapters(model, adapters, config)
+  args = [jnp.asarray(INPUTS[k]) for k in ("input_ids", "attention_mask", "positions")]
+  real = np.asarray(INPUTS["attention_mask"], bool)
+  expected = np.asarray(json.loads((HF_TINY / case / "reference.json").read_text())["logits"])
+  np.testing.assert_allclose(np.asarray(model(*args))[real], expected[real], atol=1e-5)
+  # Our export is PEFT's file: key for key, bit for bit, and its config.
+  written = export_peft(tmp_path, pj.nnx.adapters(model), config)
+  ours = load_file(tmp_path / "adapter_model.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  for key, value in theirs.items():
+    assert ours[key].dtype == value.dtype and ours[key].tobytes() == value.tobytes(), key
+  peft_config = json.loads((HF_TINY / case / "adapter_config.json").read_text())
+  assert {k: v for k, v in written.items() if k != "base_model_name_or_path"} == {
+      k: v for k, v in peft_config.items() if k != "base_model_name_or_path"}
+  # The table holds the shared copy after merge: the plain model gives PEFT's logits.
+  pj.nnx.merge(model)
+  np.testing.assert_allclose(np.asarray(model(*args))[real], expected[real], atol=1e-5)
