@@ -148,13 +148,85 @@ def test_the_option_that_cannot_act_warns_or_refuses():
   # A tied model whose saved modules do not touch the table: nothing to tie (PEFT warns).
   with pytest.warns(UserWarning, match="names neither the tied embedding nor the output head"):
     pj.lora_transform(params, lora.replace(modules_to_save=("norm",)), key=jax.random.PRNGKey(1))
-  # LoRA on the tied embedding (PEFT ties the head's LoRA to it): refused by name.
-  with pytest.raises(ValueError, match="ensure_weight_tying=True with LoRA on the tied embedding"):
-    pj.lora_transform(params, pj.LoRAConfig(rank=2, target_modules=("embed_tokens",),
-                                            ensure_weight_tying=True), key=jax.random.PRNGKey(1))
+  # LoRA on an untied embedding: nothing to tie, and export could not tell (PEFT warns).
+  embed = pj.LoRAConfig(rank=2, target_modules=("embed_tokens",), ensure_weight_tying=True)
+  with pytest.raises(ValueError, match="LoRA on the embedding.*output head of its own"):
+    pj.lora_transform(untied, embed, key=jax.random.PRNGKey(1))
+  # Tied DoRA, and a table both adapted and saved, are refused by name.
+  with pytest.raises(ValueError, match="DoRA, AdaLoRA"):
+    pj.lora_transform(params, embed.replace(use_dora=True), key=jax.random.PRNGKey(1))
+  with pytest.raises(ValueError, match="both a LoRA target and, tied, in modules_to_save"):
+    pj.lora_transform(params, embed.replace(modules_to_save=("lm_head",)),
+                      key=jax.random.PRNGKey(1))
+
+
+def test_tied_lora_acts_in_lookup_and_head(tmp_path):
+  # PEFT's target_modules_to_tie: the head's LoRA is the embedding's (A, B transposed), so the
+  # model is the plain one on the table E + s A B, and merge is exact.
+  model, params, ids = _tied_llama()
+  lora = pj.LoRAConfig(rank=2, alpha=3.0, target_modules=("q_proj", "embed_tokens"),
+                       ensure_weight_tying=True)
+  adapters, base = pj.split(_transform(params, lora), lora)
+  embed = adapters["model"]["embed_tokens"]
+  embed["lora_a"] = jax.random.normal(jax.random.PRNGKey(2), embed["lora_a"].shape) * 0.3
+  table = params["model"]["embed_tokens"]["embedding"]
+  scale = 3.0 / 2
+  oracle = lambda a: _with_table(params, table + scale * a["lora_a"] @ a["lora_b"])
+  logits = pj.apply(model, pj.combine(base, adapters), ids, config=lora)
+  np.testing.assert_allclose(logits, model.apply({"params": oracle(embed)}, ids), atol=1e-5)
+  untied = pj.apply(model, pj.combine(base, adapters), ids, config=lora.replace(
+      ensure_weight_tying=False))
+  assert np.abs(untied - logits).max() > 1e-3  # without the option the head ignores the LoRA
+  merged = pj.merge(pj.combine(base, adapters), lora)
+  np.testing.assert_allclose(model.apply({"params": merged}, ids), logits, atol=1e-5)
+  # Gradients: both uses reach A and B (chain rule through the oracle's one table).
+  grads = jax.grad(lambda a: training.lm_loss(model, lora, pj.combine(base, a), ids, ids))(
+      adapters)["model"]["embed_tokens"]
+  want = jax.grad(lambda e: causal_lm_loss(model.apply({"params": oracle(e)}, ids), ids))(
+      {"lora_a": embed["lora_a"], "lora_b": embed["lora_b"]})
+  for leaf in ("lora_a", "lora_b"):
+    np.testing.assert_allclose(grads[leaf], want[leaf], rtol=1e-5, atol=1e-5)
+  # PEFT's format: the head's LoRA keys are the embedding's transposed; import drops them.
+  written = export_peft(tmp_path, adapters, lora)
+  assert written["target_modules"] == ["embed_tokens", "model.embed_tokens", "q_proj"]
+  tensors = load_file(tmp_path / "adapter_model.safetensors")
+  np.testing.assert_array_equal(tensors["base_model.model.lm_head.lora_B.weight"],
+                                tensors["base_model.model.model.embed_tokens.lora_embedding_A"].T)
+  back, back_config = import_peft(tmp_path, base_params=params)
+  assert back_config.ensure_weight_tying and "lm_head" not in back
+  np.testing.assert_array_equal(back["model"]["embed_tokens"]["lora_a"], embed["lora_a"])
+  key = "base_model.model.lm_head.lora_A.weight"
+  tensors[key] = tensors[key] * 1.5
+  save_file(tensors, tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+  with pytest.raises(ValueError, match=r"lm_head\.lora_A\.weight.*lora_embedding_B.*transposed"):
+    import_peft(tmp_path)
 
 
 # -- the NNX Gemma 3 against PEFT 0.21.2 ------------------------------------------------
+def _gemma3_args():
+  return [jnp.asarray(INPUTS[k]) for k in ("input_ids", "attention_mask", "positions")]
+
+
+def _assert_peft_logits(model, case):
+  real = np.asarray(INPUTS["attention_mask"], bool)
+  expected = np.asarray(json.loads((HF_TINY / case / "reference.json").read_text())["logits"])
+  np.testing.assert_allclose(np.asarray(model(*_gemma3_args()))[real], expected[real], atol=1e-5)
+
+
+def _assert_peft_file(tmp_path, model, config, case, **peft_fields):
+  """Our export of ``model``'s adapters is PEFT's file: key for key, bit for bit, its config."""
+  written = export_peft(tmp_path, pj.nnx.adapters(model), config)
+  ours = load_file(tmp_path / "adapter_model.safetensors")
+  theirs = load_file(HF_TINY / case / "adapter_model.safetensors")
+  assert sorted(ours) == sorted(theirs)
+  for key, value in theirs.items():
+    assert ours[key].dtype == value.dtype and ours[key].tobytes() == value.tobytes(), key
+  peft_config = json.loads((HF_TINY / case / "adapter_config.json").read_text())
+  peft_config.update(peft_fields)
+  written.update(peft_fields)
+  assert written == peft_config
+
+
 @pytest.mark.parametrize("case,names", [("gemma3_tied", ("lm_head",)),
                                         ("gemma3_tied_embed", ("embed_tokens", "lm_head"))])
 def test_gemma3_tied_copy_is_peft(tmp_path, case, names):
@@ -166,19 +238,25 @@ def test_gemma3_tied_copy_is_peft(tmp_path, case, names):
   theirs = load_file(HF_TINY / case / "adapter_model.safetensors")
   np.testing.assert_array_equal(saved["tied_embedding"], theirs[HEAD_KEY])
   pj.nnx.load_adapters(model, adapters, config)
-  args = [jnp.asarray(INPUTS[k]) for k in ("input_ids", "attention_mask", "positions")]
-  real = np.asarray(INPUTS["attention_mask"], bool)
-  expected = np.asarray(json.loads((HF_TINY / case / "reference.json").read_text())["logits"])
-  np.testing.assert_allclose(np.asarray(model(*args))[real], expected[real], atol=1e-5)
-  # Our export is PEFT's file: key for key, bit for bit, and its config.
-  written = export_peft(tmp_path, pj.nnx.adapters(model), config)
-  ours = load_file(tmp_path / "adapter_model.safetensors")
-  assert sorted(ours) == sorted(theirs)
-  for key, value in theirs.items():
-    assert ours[key].dtype == value.dtype and ours[key].tobytes() == value.tobytes(), key
-  peft_config = json.loads((HF_TINY / case / "adapter_config.json").read_text())
-  assert {k: v for k, v in written.items() if k != "base_model_name_or_path"} == {
-      k: v for k, v in peft_config.items() if k != "base_model_name_or_path"}
+  _assert_peft_logits(model, case)
+  _assert_peft_file(tmp_path, model, config, case, base_model_name_or_path=None)
   # The table holds the shared copy after merge: the plain model gives PEFT's logits.
   pj.nnx.merge(model)
-  np.testing.assert_allclose(np.asarray(model(*args))[real], expected[real], atol=1e-5)
+  _assert_peft_logits(model, case)
+
+
+def test_gemma3_tied_lora_is_peft(tmp_path):
+  _, model = load_gemma3_hf(HF_TINY / "gemma3")
+  adapters, config = import_peft(HF_TINY / "gemma3_tied_lora", base_params=pj.nnx.params(model))
+  assert config.ensure_weight_tying and "lm_head" not in adapters
+  pj.nnx.load_adapters(model, adapters, config)
+  _assert_peft_logits(model, "gemma3_tied_lora")
+  # PEFT writes target_modules from a set (its order varies).
+  targets = sorted(json.loads((HF_TINY / "gemma3_tied_lora" / "adapter_config.json").read_text())[
+      "target_modules"])
+  _assert_peft_file(tmp_path, model, config, "gemma3_tied_lora", base_model_name_or_path=None,
+                    target_modules=targets)
+  assert sorted(json.loads((tmp_path / "adapter_config.json").read_text())["target_modules"]) == (
+      targets)
+  pj.nnx.merge(model)
+  _assert_peft_logits(model, "gemma3_tied_lora")

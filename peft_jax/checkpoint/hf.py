@@ -191,13 +191,15 @@ def _alpha_value(alpha: float) -> int | float:
   return int(alpha) if float(alpha).is_integer() else float(alpha)
 
 
-def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequence[str]):
+def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequence[str],
+                    tied: Sequence[str] = ()):
   plain_names = (not isinstance(config.target_modules, str)
                  and all("/" not in n for n in config.target_modules)
                  and config.exclude_modules is None and config.layers_to_transform is None)
   if plain_names:
-    # Suffix matching is the same rule in both libraries.
-    return sorted({p.rsplit("/", 1)[-1] for p in our_paths})
+    # Suffix matching is the same rule in both libraries; ensure_weight_tying adds the
+    # tied embedding's full name, as PEFT does.
+    return sorted({p.rsplit("/", 1)[-1] for p in our_paths} | set(tied))
   return "|".join(re.escape(n) for n in sorted(hf_names))
 
 
@@ -296,7 +298,7 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
   path_map = path_map or hf_path_map()
   tensors: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
-  our_paths, hf_names = [], []
+  our_paths, hf_names, tied = [], [], []
   for module, leaves in sorted(_group_by_module(adapters).items()):
     if "lora_e" in leaves:
       raise ValueError(
@@ -321,6 +323,12 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       tensors[key + b_key] = np.ascontiguousarray(lora_b.T)
       if "lora_magnitude" in arrays:
         tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(arrays["lora_magnitude"])
+      if is_embedding and config.ensure_weight_tying:
+        # PEFT's tied lm_head LoRA: A = lora_embedding_B^T, B = lora_embedding_A^T.
+        head = KEY_PREFIX + path_map.to_hf("lm_head")
+        tensors[head + ".lora_A.weight"] = np.ascontiguousarray(lora_b)
+        tensors[head + ".lora_B.weight"] = np.ascontiguousarray(lora_a)
+        tied.append(hf_name)
       rank = lora_a.shape[-1]
       if rank != config.rank:
         rank_pattern[hf_name] = int(rank)
@@ -336,7 +344,7 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       use_rslora=config.use_rslora, use_dora=config.use_dora,
       init_lora_weights=True if config.init == "default" else config.init,
       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-      target_modules=_target_modules(config, our_paths, hf_names),
+      target_modules=_target_modules(config, our_paths, hf_names, tied),
       ensure_weight_tying=config.ensure_weight_tying,
       base_model_name_or_path=base_model_name_or_path, task_type=task_type)
   directory = os.fspath(directory)
@@ -512,6 +520,43 @@ def _tie_copies(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str]
   return tuple(sorted(names | heads))
 
 
+def _tie_lora(per_layer: dict[str, dict[str, np.ndarray]], hf_name_of: dict[str, str],
+              path_map: PathMap, base_params: Mapping[str, Any] | None, weights_path: str) -> bool:
+  """PEFT's tied LoRA (``ensure_weight_tying`` with the embedding a target): the head's
+  ``lora_A``/``lora_B`` are the embedding's B and A transposed, bit for bit; they are
+  dropped (our tied head adds the embedding's term). Returns whether the option stays on:
+  off, with a warning, for a file whose option tied no LoRA (PEFT's untied model)."""
+  embeds = [p for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names]
+  heads = [p for p in per_layer if saved_lib.is_head_name(p)]
+  if not embeds:
+    return True
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0]) if base_params else None
+  if not heads or (base_flat is not None and not saved_lib.is_tied(base_flat)):
+    warnings.warn(f"{weights_path}: ensure_weight_tying, but no tied head LoRA beside the "
+                  f"embedding's {embeds} (a model with its own head): imported without the "
+                  "option, which tied nothing.", stacklevel=3)
+    return False
+  if len(embeds) != 1 or len(heads) != 1:
+    raise ut.FileFormatError(f"{weights_path}: ensure_weight_tying with LoRA on embeddings "
+                             f"{embeds} and heads {heads}: expected one of each.")
+  head, embed = per_layer[heads[0]], per_layer[embeds[0]]
+  if set(head) != {"lora_a", "lora_b"} or set(embed) != {"lora_a", "lora_b"}:
+    raise ValueError(f"{weights_path}: ensure_weight_tying ties plain LoRA only; "
+                     f"{hf_name_of[heads[0]]!r} / {hf_name_of[embeds[0]]!r} hold "
+                     f"{sorted(head)} / {sorted(embed)}.")
+  for leaf, other, key, other_key in (("lora_a", "lora_b", ".lora_A.weight", ".lora_embedding_B"),
+                                      ("lora_b", "lora_a", ".lora_B.weight", ".lora_embedding_A")):
+    mine, theirs = head[leaf], np.ascontiguousarray(embed[other].T)
+    if (mine.dtype != theirs.dtype or mine.shape != theirs.shape
+        or np.ascontiguousarray(mine).tobytes() != theirs.tobytes()):
+      raise ut.FileFormatError(
+          f"{weights_path}: ensure_weight_tying, but {KEY_PREFIX + hf_name_of[heads[0]] + key!r} "
+          f"is not {KEY_PREFIX + hf_name_of[embeds[0]] + other_key!r} transposed: the tied "
+          "head's LoRA must be the embedding's.")
+  del per_layer[heads[0]], hf_name_of[heads[0]]
+  return True
+
+
 def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
                    path_map: PathMap) -> tuple[str, ...] | None:
   """Our ``modules_to_save``: the last names of the modules copied whole."""
@@ -665,6 +710,8 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     warnings.warn(f"Ignoring {len(skipped)} saved base-layer weights ({skipped[0]}, ...): "
                   "they belong to the base model, not the adapter.", stacklevel=2)
 
+  if tying:
+    tying = _tie_lora(per_layer, hf_name_of, path_map, base_params, weights_path)
   default_rank, default_alpha = int(hf_config.get("r", 8)), float(hf_config.get("lora_alpha", 8))
   ranks, alphas = {}, {}
   for path, leaves in per_layer.items():
@@ -686,13 +733,6 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   saved_modules = _saved_modules(copies, saved_names, path_map)
   if tied_heads:
     saved_modules = _tie_copies(copies, key_of, tied_heads, saved_names, path_map, weights_path)
-  if tying and per_layer and any(
-      saved_lib.is_head_name(p) for p in per_layer) and any(
-          p.rsplit("/", 1)[-1] in path_map.embedding_names for p in per_layer):
-    raise ValueError(
-        f"{config_path}: ensure_weight_tying with LoRA on both the embedding and the output "
-        "head (PEFT's tied LoRA adapters, the head reusing the embedding's A and B) is not "
-        "implemented in peft_jax.")
   if base_params is not None and not scanned:
     _untie_head(copies, key_of, base_params)
     _check_copies(copies, key_of, base_params, weights_path)
@@ -720,6 +760,9 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       array = jnp.asarray(np.ascontiguousarray(value))
       flat[f"{site}/{name}"] = array if dtype is None else array.astype(dtype)
   hf_targets = hf_config.get("target_modules")
+  if tying and isinstance(hf_targets, list):  # the tied embedding's full name PEFT appends
+    appended = {hf_name_of[p] for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names}
+    hf_targets = [t for t in hf_targets if t not in appended]
   names_only = (isinstance(hf_targets, list) and all("." not in t for t in hf_targets)
                 and hf_config.get("layers_to_transform") is None
                 and hf_config.get("exclude_modules") is None)

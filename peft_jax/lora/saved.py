@@ -114,20 +114,31 @@ def _tie_target(flat: Mapping[str, Any], config, adapted: set[str]) -> str | Non
   """The embedding ``ensure_weight_tying`` shares between lookup and head, else None
   (after a warning when the option can do nothing, as PEFT warns).
 
+  A LoRA-adapted tied embedding is tied too (the head, ``Embed.attend``, adds
+  the embedding's LoRA term: PEFT's ``target_modules_to_tie``); that needs no copy.
+
   Raises:
-    ValueError: the tied embedding is a LoRA target (PEFT then ties the head's
-      LoRA to the embedding's, which is not implemented here).
+    ValueError: LoRA on an embedding of a model with its own head (nothing to
+      tie), or DoRA/AdaLoRA on the tied embedding (PEFT ties plain LoRA A and B).
   """
   if not config.ensure_weight_tying:
     return None
+  names = config.modules_to_save or ()
   table = tied_embedding(flat, "lm_head")
   if table is not None and table in adapted:
+    if _names_tied_table(flat, names):
+      raise ValueError(f"Module {table!r} is both a LoRA target and, tied, in modules_to_save: "
+                       "a saved module is trained whole, so leave it out of target_modules.")
+    extra = sorted(n for n in ("lora_magnitude", "lora_e") if f"{table}/{n}" in flat)
+    if extra:
+      raise ValueError(f"ensure_weight_tying=True ties plain LoRA A and B of the tied embedding "
+                       f"{table!r} to its head; {extra} (DoRA, AdaLoRA) cannot be tied.")
+    return None  # LoRA tied: Embed.attend adds the embedding's LoRA term
+  embedded = sorted(m for m in adapted if f"{m}/embedding" in flat)
+  if embedded and not is_tied(flat):
     raise ValueError(
-        f"ensure_weight_tying=True with LoRA on the tied embedding {table!r}: PEFT then gives "
-        "the tied head the embedding's LoRA A and B, which peft_jax does not implement. Save "
-        "the embedding instead (modules_to_save), or leave ensure_weight_tying off (the LoRA "
-        "then acts on the input lookup only, as PEFT without the option).")
-  names = config.modules_to_save or ()
+        f"ensure_weight_tying=True with LoRA on the embedding {embedded} of a model with an "
+        "output head of its own: there is nothing to tie (PEFT only warns); drop the option.")
   table = _names_tied_table(flat, names)
   if table is not None:
     return table
@@ -207,9 +218,6 @@ def add_copies(flat: dict[str, Any], config) -> list[str]:
     copies += [p for p in _bias_paths(flat, config.bias) if p not in copies]
   heads = {tied_embedding(flat, n) for n in config.modules_to_save or ()} - {None, tie}
   if tie is not None:
-    if tie in adapted:
-      raise ValueError(f"Module {tie!r} is both a LoRA target and, tied, in modules_to_save: "
-                       "a saved module is trained whole, so leave it out of target_modules.")
     _copy_leaf(flat, f"{tie}/embedding", f"{tie}/{SAVED}/{TIED}")
   for module in heads:
     path = f"{module}/{SAVED}/{HEAD}"

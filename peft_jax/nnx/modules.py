@@ -103,13 +103,31 @@ def _peft_attend(self, query):
   copies = dict(copies.items()) if isinstance(copies, nnx.Dict) else {}
   copy = copies.get(saved_lib.HEAD, copies.get(saved_lib.TIED))
   if copy is None:
-    return head(query)
+    return head(query) + _tied_lora(self, query)
   original = self.embedding.get_value()
   try:
     self.embedding.set_value(copy.get_value())
     return head(query)
   finally:
     self.embedding.set_value(original)
+
+
+def _tied_lora(module, query):
+  """With ``ensure_weight_tying``, a tied head adds the embedding's LoRA term
+  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``); else 0."""
+  lora_a = _leaf(module, "lora_a")
+  config = getattr(module, "lora_config", None)
+  if lora_a is None or config is None or not config.ensure_weight_tying:
+    return 0.0
+  if _leaf(module, "lora_magnitude") is not None or _leaf(module, "lora_e") is not None:
+    raise ValueError(f"ensure_weight_tying ties plain LoRA only; {module.lora_path!r} holds "
+                     "DoRA or AdaLoRA leaves.")
+  scale = _rank_and_scale(module, lora_a, None)
+  dropout = getattr(module, "lora_dropout", None)
+  if dropout is not None and not _no_dropout():
+    query = dropout(query)
+  lora_b = _leaf(module, "lora_b")
+  return scale * ((query.astype(lora_b.dtype) @ lora_b.T) @ lora_a.T)
 
 
 def _subclass(base: type, call) -> type:
