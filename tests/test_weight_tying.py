@@ -260,3 +260,49 @@ def test_gemma3_tied_lora_is_peft(tmp_path):
       targets)
   pj.nnx.merge(model)
   _assert_peft_logits(model, "gemma3_tied_lora")
+
+
+# -- the command line ------------------------------------------------------------------
+def test_cli_flag_reaches_the_config():
+  from peft_jax.cli import finetune as ft  # pylint: disable=import-outside-toplevel
+  from peft_jax.cli.main import build_parser  # pylint: disable=import-outside-toplevel
+
+  args = build_parser().parse_args(["finetune", "--modules-to-save", "lm_head",
+                                    "--ensure-weight-tying", "--seed", "0"])
+  hp = ft.hyperparameters_from_args(args)
+  hp.validate()
+  config = ft._lora_config(hp)  # pylint: disable=protected-access
+  assert (config.modules_to_save, config.ensure_weight_tying) == (("lm_head",), True)
+  assert not ft._lora_config(ft.hyperparameters_from_args(  # pylint: disable=protected-access
+      build_parser().parse_args(["finetune"]))).ensure_weight_tying
+  args = build_parser().parse_args(["finetune", "--ensure-weight-tying", "--method", "lisa",
+                                    "--seed", "0"])
+  with pytest.raises(ft.CliError, match="lisa would ignore them"):
+    ft.hyperparameters_from_args(args).validate()
+
+
+@pytest.mark.slow  # a gemma3-tiny finetune run (~30 s); the tests above run the same paths
+def test_cli_finetune_trains_one_tied_copy(tmp_path):
+  from peft_jax import checkpoint  # pylint: disable=import-outside-toplevel
+  from peft_jax.cli import finetune as ft  # pylint: disable=import-outside-toplevel
+  from peft_jax.cli.main import main  # pylint: disable=import-outside-toplevel
+
+  out = tmp_path / "run"
+  assert main(["finetune", "--model", "gemma3-tiny", "--steps", "2", "--batch", "2",
+               "--seq-len", "16", "--eval-batches", "1", "--rank", "4", "--lr", "1e-2",
+               "--targets", "q_proj", "--modules-to-save", "lm_head", "--ensure-weight-tying",
+               "--output", str(out)]) == 0
+  adapters, config = checkpoint.restore(out / "adapter")
+  assert config.ensure_weight_tying and config.modules_to_save == ("lm_head",)
+  table = ft.load_model("gemma3-tiny", seed=0).params["model"]["embed_tokens"]["embedding"]
+  copy = adapters["model"]["embed_tokens"]["saved"]["tied_embedding"]
+  assert np.abs(np.asarray(copy) - np.asarray(table)).max() > 1e-4  # it trained
+  assert main(["export-hf", "--adapter", str(out), "--output", str(tmp_path / "peft")]) == 0
+  tensors = load_file(tmp_path / "peft" / "adapter_model.safetensors")
+  np.testing.assert_array_equal(tensors[HEAD_KEY], copy)
+  np.testing.assert_array_equal(tensors[EMBED_KEY], copy)
+  assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())[
+      "ensure_weight_tying"] is True
+  assert main(["merge", "--adapter", str(out), "--output", str(tmp_path / "merged")]) == 0
+  merged = checkpoint.restore_params(tmp_path / "merged")
+  np.testing.assert_array_equal(merged["model"]["embed_tokens"]["embedding"], copy)
