@@ -103,7 +103,8 @@ def _peft_attend(self, query):
   copies = dict(copies.items()) if isinstance(copies, nnx.Dict) else {}
   copy = copies.get(saved_lib.HEAD, copies.get(saved_lib.TIED))
   if copy is None:
-    return head(query) + _tied_lora(self, query)
+    out, lora = head(query), _tied_lora(self, query)
+    return out if lora is None else out + lora.astype(out.dtype)
   original = self.embedding.get_value()
   try:
     self.embedding.set_value(copy.get_value())
@@ -114,11 +115,11 @@ def _peft_attend(self, query):
 
 def _tied_lora(module, query):
   """With ``ensure_weight_tying``, a tied head adds the embedding's LoRA term
-  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``); else 0."""
+  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``); else None."""
   lora_a = _leaf(module, "lora_a")
   config = getattr(module, "lora_config", None)
   if lora_a is None or config is None or not config.ensure_weight_tying:
-    return 0.0
+    return None
   if _leaf(module, "lora_magnitude") is not None or _leaf(module, "lora_e") is not None:
     raise ValueError(f"ensure_weight_tying ties plain LoRA only; {module.lora_path!r} holds "
                      "DoRA or AdaLoRA leaves.")
