@@ -50,6 +50,12 @@ LATER = {
     # are the embedding's B and A transposed (the same storage).
     "gemma3_tied_lora": ("gemma3", dict(target_modules=["q_proj", "embed_tokens"],
                                         ensure_weight_tying=True)),
+    # The same two on a Llama with tied embeddings (SmolLM2's family, our linen model).
+    "llama_tied_saved": ("llama_tied", dict(target_modules=["q_proj"],
+                                            modules_to_save=["embed_tokens", "lm_head"],
+                                            ensure_weight_tying=True)),
+    "llama_tied_lora": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens"],
+                                           ensure_weight_tying=True)),
 }
 
 
