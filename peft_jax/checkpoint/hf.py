@@ -16,6 +16,13 @@ Saved modules and trained biases (``modules_to_save``, ``bias``; our
     base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias (out,)   # LoRA module
     base_model.model.model.layers.0.self_attn.k_proj.bias            (out,)   # other module
 
+With ``ensure_weight_tying`` (a tied model) the one shared copy
+``<embedding>/saved/tied_embedding`` is written under both
+``base_model.model.model.embed_tokens.weight`` and
+``base_model.model.lm_head.weight``, and LoRA on the tied embedding also as
+the head's ``lm_head.lora_A.weight`` / ``lora_B.weight`` (the embedding's B
+and A transposed), as PEFT writes them; import checks the twins bit for bit.
+
 Our leaves are the transposes: ``lora_a (in, r) = lora_A.T`` and
 ``lora_b (r, out) = lora_B.T`` (for embeddings ``lora_a (vocab, r)`` and
 ``lora_b (r, dim)``), so ``lora_a @ lora_b`` is the Flax-layout delta kernel.

@@ -266,7 +266,7 @@ def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None)
     elif tuple(getattr(original, "shape", ())) != tuple(getattr(value, "shape", ())):
       problems.append(f"{path}: shape {tuple(value.shape)} but the base "
                       f"{base_path(path)!r} is {tuple(original.shape)}")
-    elif path in tied_copies({path: value}) and not is_tied(base_flat):
+    elif targeting.split_path(path)[1] == TIED and not is_tied(base_flat):
       problems.append(f"{path}: a copy shared with the tied head (ensure_weight_tying), but "
                       "the base has an output head of its own")
   return problems

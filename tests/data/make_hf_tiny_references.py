@@ -125,6 +125,7 @@ def main(only=()):
             ).logits
         directory = OUTPUT / family
         model.save_pretrained(directory, safe_serialization=True)
+        (directory / "generation_config.json").unlink(missing_ok=True)  # not read
         reference = {
             "source": (
                 f"transformers {transformers.__version__}, torch {torch.__version__}: "
