@@ -42,7 +42,7 @@ def lm_loss(model: nn.Module, config: LoRAConfig | None, params: Mapping[str, An
   quantized kernels and the Pallas target (default: by backend).
   """
   rngs = {"dropout": dropout_key} if dropout_key is not None else None
-  head = _plain_head(model, params)
+  head = _plain_head(model, params, config)
   with intercept(config, quant_impl=quant_impl, quant_platform=quant_platform):
     if head is None:
       logits = model.apply({"params": params}, inputs, rngs=rngs)
@@ -59,14 +59,17 @@ def _hidden_states(module: LlamaForCausalLM, inputs: jax.Array) -> jax.Array:
   return module.model(inputs)
 
 
-def _plain_head(model: nn.Module, params: Mapping[str, Any]):
+def _plain_head(model: nn.Module, params: Mapping[str, Any], config=None):
   """``(weight, vocab_axis)`` of a Llama head the fused loss can take, else None."""
   if type(model) is not LlamaForCausalLM or not isinstance(params, Mapping):  # pylint: disable=unidiomatic-typecheck
     return None
   try:
     if model.config.tie_word_embeddings:
       embed = params["model"]["embed_tokens"]
-      head = embed.get(saved_lib.SAVED, {}).get(saved_lib.HEAD)  # the head saved untied
+      if "lora_a" in embed and config is not None and config.ensure_weight_tying:
+        return None  # the head adds the embedding's LoRA: the interceptor must run it
+      saved = embed.get(saved_lib.SAVED, {})  # the head saved untied, or tied to the lookup
+      head = saved.get(saved_lib.HEAD, saved.get(saved_lib.TIED))
       weight, vocab_axis = embed["embedding"] if head is None else head, 0
     else:
       head = params["lm_head"]

@@ -16,6 +16,13 @@ Saved modules and trained biases (``modules_to_save``, ``bias``; our
     base_model.model.model.layers.0.self_attn.q_proj.base_layer.bias (out,)   # LoRA module
     base_model.model.model.layers.0.self_attn.k_proj.bias            (out,)   # other module
 
+With ``ensure_weight_tying`` (a tied model) the one shared copy
+``<embedding>/saved/tied_embedding`` is written under both
+``base_model.model.model.embed_tokens.weight`` and
+``base_model.model.lm_head.weight``, and LoRA on the tied embedding also as
+the head's ``lm_head.lora_A.weight`` / ``lora_B.weight`` (the embedding's B
+and A transposed), as PEFT writes them; import checks the twins bit for bit.
+
 Our leaves are the transposes: ``lora_a (in, r) = lora_A.T`` and
 ``lora_b (r, out) = lora_B.T`` (for embeddings ``lora_a (vocab, r)`` and
 ``lora_b (r, dim)``), so ``lora_a @ lora_b`` is the Flax-layout delta kernel.
@@ -78,7 +85,7 @@ _PEFT_CONFIG_DEFAULTS: dict[str, Any] = {
 _UNSUPPORTED_ON_IMPORT = (
     "alora_invocation_tokens", "arrow_config", "layer_replication",
     "target_parameters", "trainable_token_indices", "use_bdlora", "use_qalora",
-    "lora_bias", "velora_config", "monteclora_config", "kasa_config", "ensure_weight_tying")
+    "lora_bias", "velora_config", "monteclora_config", "kasa_config")
 _REWRITING_INITS = ("pissa", "olora", "loftq")
 _LAYER_CONTAINERS = ("layers", "layer", "h", "blocks", "block")
 _KEY_SUFFIXES = {
@@ -191,13 +198,15 @@ def _alpha_value(alpha: float) -> int | float:
   return int(alpha) if float(alpha).is_integer() else float(alpha)
 
 
-def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequence[str]):
+def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequence[str],
+                    tied: Sequence[str] = ()):
   plain_names = (not isinstance(config.target_modules, str)
                  and all("/" not in n for n in config.target_modules)
                  and config.exclude_modules is None and config.layers_to_transform is None)
   if plain_names:
-    # Suffix matching is the same rule in both libraries.
-    return sorted({p.rsplit("/", 1)[-1] for p in our_paths})
+    # Suffix matching is the same rule in both libraries; ensure_weight_tying adds the
+    # tied embedding's full name, as PEFT does.
+    return sorted({p.rsplit("/", 1)[-1] for p in our_paths} | set(tied))
   return "|".join(re.escape(n) for n in sorted(hf_names))
 
 
@@ -214,7 +223,11 @@ def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: Pa
   if problems:
     raise ValueError("The saved copies do not match the config: " + "; ".join(problems))
   names = set()
+  tied_names = []
   for path, value in sorted(flat.items()):
+    if path in saved_lib.tied_copies(flat):
+      tied_names.append(_export_tied(path, value, config, path_map, tensors, names))
+      continue
     if path in saved_lib.head_copies(flat):  # a tied model's untied head: PEFT's lm_head copy
       head = next(n for n in config.modules_to_save if saved_lib.is_head_name(n))
       hf_name = path_map.to_hf(head)
@@ -240,7 +253,23 @@ def _export_copies(adapters: Mapping[str, Any], config: LoRAConfig, path_map: Pa
       tensors[KEY_PREFIX + hf_name + suffix] = np.ascontiguousarray(array)
       if whole:
         names.add(hf_name.rsplit(".", 1)[-1])
-  return sorted(names) or None
+  # PEFT's ensure_weight_tying appends the embedding's full name to modules_to_save.
+  return sorted(names) + [n for n in tied_names if n not in names] or None
+
+
+def _export_tied(path: str, value: Any, config: LoRAConfig, path_map: PathMap,
+                 tensors: dict[str, np.ndarray], names: set[str]) -> str:
+  """The shared copy of ``ensure_weight_tying`` under PEFT's two keys (the embedding's and
+  the tied head's ``.weight``, the same table); returns the embedding's full name."""
+  module = targeting.split_path(targeting.split_path(path)[0])[0]
+  hf_name = path_map.to_hf(module)
+  head = next((n for n in config.modules_to_save or () if saved_lib.is_head_name(n)), "lm_head")
+  array = np.ascontiguousarray(value)
+  tensors[KEY_PREFIX + hf_name + ".weight"] = array
+  tensors[KEY_PREFIX + path_map.to_hf(head) + ".weight"] = array
+  if any(targeting.name_matches(n, module) for n in config.modules_to_save or ()):
+    names.add(hf_name.rsplit(".", 1)[-1])
+  return hf_name
 
 
 def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], config: LoRAConfig,
@@ -276,7 +305,7 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
   path_map = path_map or hf_path_map()
   tensors: dict[str, np.ndarray] = {}
   rank_pattern, alpha_pattern = {}, {}
-  our_paths, hf_names = [], []
+  our_paths, hf_names, tied = [], [], []
   for module, leaves in sorted(_group_by_module(adapters).items()):
     if "lora_e" in leaves:
       raise ValueError(
@@ -301,6 +330,12 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       tensors[key + b_key] = np.ascontiguousarray(lora_b.T)
       if "lora_magnitude" in arrays:
         tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(arrays["lora_magnitude"])
+      if is_embedding and config.ensure_weight_tying:
+        # PEFT's tied lm_head LoRA: A = lora_embedding_B^T, B = lora_embedding_A^T.
+        head = KEY_PREFIX + path_map.to_hf("lm_head")
+        tensors[head + ".lora_A.weight"] = np.ascontiguousarray(lora_b)
+        tensors[head + ".lora_B.weight"] = np.ascontiguousarray(lora_a)
+        tied.append(hf_name)
       rank = lora_a.shape[-1]
       if rank != config.rank:
         rank_pattern[hf_name] = int(rank)
@@ -316,7 +351,8 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       use_rslora=config.use_rslora, use_dora=config.use_dora,
       init_lora_weights=True if config.init == "default" else config.init,
       rank_pattern=rank_pattern, alpha_pattern=alpha_pattern,
-      target_modules=_target_modules(config, our_paths, hf_names),
+      target_modules=_target_modules(config, our_paths, hf_names, tied),
+      ensure_weight_tying=config.ensure_weight_tying,
       base_model_name_or_path=base_model_name_or_path, task_type=task_type)
   directory = os.fspath(directory)
   os.makedirs(directory, exist_ok=True)
@@ -356,7 +392,7 @@ def _read_config(config_path: str) -> dict[str, Any]:
   dropout = ut.require_number(config_path, "lora_dropout", hf_config.get("lora_dropout", 0.0))
   if not 0.0 <= dropout < 1.0:
     raise ut.malformed(config_path, "lora_dropout", dropout, "expected a rate in [0, 1)")
-  for name in ("use_rslora", "use_dora"):
+  for name in ("use_rslora", "use_dora", "ensure_weight_tying"):
     ut.require_bool(config_path, name, hf_config.get(name, False))
   alpha_pattern = ut.literal_patterns(config_path, "alpha_pattern",
                                       hf_config.get("alpha_pattern") or {})
@@ -449,6 +485,83 @@ def _untie_head(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str]
     key_of[f"{embedding}/{saved_lib.SAVED}/{saved_lib.HEAD}"] = key_of.pop(f"{module}/kernel")
     copies.setdefault(f"{embedding}/{saved_lib.SAVED}", {})[saved_lib.HEAD] = (
         copies.pop(module)["kernel"].T)
+
+
+def _is_tied_head_key(key: str, saved_names: Sequence[str]) -> bool:
+  """An ``ensure_weight_tying`` file's head key (``...lm_head.weight``): an output head's
+  weight that ``modules_to_save`` does not name (PEFT takes the tied head out of it)."""
+  hf_name, _, leaf = key[len(KEY_PREFIX):].rpartition(".")
+  return (key.startswith(KEY_PREFIX) and leaf == "weight"
+          and saved_lib.is_head_name(hf_name.rsplit(".", 1)[-1])
+          and not _is_saved_module(hf_name, saved_names))
+
+
+def _tie_copies(copies: dict[str, dict[str, np.ndarray]], key_of: dict[str, str],
+                tied_heads: Mapping[str, np.ndarray], saved_names: Sequence[str],
+                path_map: PathMap, weights_path: str) -> tuple[str, ...]:
+  """Makes the saved embedding of an ``ensure_weight_tying`` file the shared copy
+  ``<embedding>/saved/tied_embedding`` (each head key must hold the same bits); returns
+  our ``modules_to_save``: the file's names without the embedding's full name PEFT
+  appended, plus the head."""
+  tables = [m for m, leaves in copies.items() if "embedding" in leaves]
+  if len(tables) != 1:
+    raise ut.FileFormatError(
+        f"{weights_path}: ensure_weight_tying and the tied head's {sorted(tied_heads)} need "
+        f"exactly one saved embedding to share, found {len(tables)} ({sorted(tables)}).")
+  module = tables[0]
+  table = copies[module]["embedding"]
+  embed_key = key_of.pop(f"{module}/embedding")
+  for key, value in sorted(tied_heads.items()):
+    if (value.dtype != table.dtype or value.shape != table.shape
+        or value.tobytes() != table.tobytes()):
+      raise ut.FileFormatError(
+          f"{weights_path}: ensure_weight_tying, but {key!r} {value.dtype}{list(value.shape)} "
+          f"and {embed_key!r} {table.dtype}{list(table.shape)} differ: the tied head and the "
+          "embedding must be one table.")
+  copies[module][saved_lib.TIED] = copies[module].pop("embedding")
+  key_of[f"{module}/{saved_lib.TIED}"] = embed_key
+  full = path_map.to_hf(targeting.split_path(module)[0])
+  names = set(_saved_modules(copies, [n for n in saved_names if n != full], path_map) or ())
+  heads = {path_map.from_hf(k[len(KEY_PREFIX): -len(".weight")]).rsplit("/", 1)[-1]
+           for k in tied_heads}
+  return tuple(sorted(names | heads))
+
+
+def _tie_lora(per_layer: dict[str, dict[str, np.ndarray]], hf_name_of: dict[str, str],
+              path_map: PathMap, base_params: Mapping[str, Any] | None, weights_path: str) -> bool:
+  """PEFT's tied LoRA (``ensure_weight_tying`` with the embedding a target): the head's
+  ``lora_A``/``lora_B`` are the embedding's B and A transposed, bit for bit; they are
+  dropped (our tied head adds the embedding's term). Returns whether the option stays on:
+  off, with a warning, for a file whose option tied no LoRA (PEFT's untied model)."""
+  embeds = [p for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names]
+  heads = [p for p in per_layer if saved_lib.is_head_name(p)]
+  if not embeds:
+    return True
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0]) if base_params else None
+  if not heads or (base_flat is not None and not saved_lib.is_tied(base_flat)):
+    warnings.warn(f"{weights_path}: ensure_weight_tying, but no tied head LoRA beside the "
+                  f"embedding's {embeds} (a model with its own head): imported without the "
+                  "option, which tied nothing.", stacklevel=3)
+    return False
+  if len(embeds) != 1 or len(heads) != 1:
+    raise ut.FileFormatError(f"{weights_path}: ensure_weight_tying with LoRA on embeddings "
+                             f"{embeds} and heads {heads}: expected one of each.")
+  head, embed = per_layer[heads[0]], per_layer[embeds[0]]
+  if set(head) != {"lora_a", "lora_b"} or set(embed) != {"lora_a", "lora_b"}:
+    raise ValueError(f"{weights_path}: ensure_weight_tying ties plain LoRA only; "
+                     f"{hf_name_of[heads[0]]!r} / {hf_name_of[embeds[0]]!r} hold "
+                     f"{sorted(head)} / {sorted(embed)}.")
+  for leaf, other, key, other_key in (("lora_a", "lora_b", ".lora_A.weight", ".lora_embedding_B"),
+                                      ("lora_b", "lora_a", ".lora_B.weight", ".lora_embedding_A")):
+    mine, theirs = head[leaf], np.ascontiguousarray(embed[other].T)
+    if (mine.dtype != theirs.dtype or mine.shape != theirs.shape
+        or np.ascontiguousarray(mine).tobytes() != theirs.tobytes()):
+      raise ut.FileFormatError(
+          f"{weights_path}: ensure_weight_tying, but {KEY_PREFIX + hf_name_of[heads[0]] + key!r} "
+          f"is not {KEY_PREFIX + hf_name_of[embeds[0]] + other_key!r} transposed: the tied "
+          "head's LoRA must be the embedding's.")
+  del per_layer[heads[0]], hf_name_of[heads[0]]
+  return True
 
 
 def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
@@ -576,7 +689,12 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
   hf_name_of: dict[str, str] = {}
   copies: dict[str, dict[str, np.ndarray]] = collections.defaultdict(dict)
   key_of: dict[str, str] = {}
+  tying = hf_config.get("ensure_weight_tying", False)
+  tied_heads: dict[str, np.ndarray] = {}  # ensure_weight_tying: the head's key of the shared table
   for key, value in _read_weights(weights_path).items():
+    if tying and _is_tied_head_key(key, saved_names):
+      tied_heads[key] = value
+      continue
     parsed = _parse_key(key)
     copy = None if parsed else _parse_copy(key, value, bias, saved_names, path_map)
     if copy is not None:
@@ -599,6 +717,8 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
     warnings.warn(f"Ignoring {len(skipped)} saved base-layer weights ({skipped[0]}, ...): "
                   "they belong to the base model, not the adapter.", stacklevel=2)
 
+  if tying:
+    tying = _tie_lora(per_layer, hf_name_of, path_map, base_params, weights_path)
   default_rank, default_alpha = int(hf_config.get("r", 8)), float(hf_config.get("lora_alpha", 8))
   ranks, alphas = {}, {}
   for path, leaves in per_layer.items():
@@ -618,6 +738,8 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       raise ut.malformed(config_path, "modules_to_save", saved_names,
                          f"{weights_path} holds no tensor of a module named {name!r}")
   saved_modules = _saved_modules(copies, saved_names, path_map)
+  if tied_heads:
+    saved_modules = _tie_copies(copies, key_of, tied_heads, saved_names, path_map, weights_path)
   if base_params is not None and not scanned:
     _untie_head(copies, key_of, base_params)
     _check_copies(copies, key_of, base_params, weights_path)
@@ -645,6 +767,9 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       array = jnp.asarray(np.ascontiguousarray(value))
       flat[f"{site}/{name}"] = array if dtype is None else array.astype(dtype)
   hf_targets = hf_config.get("target_modules")
+  if tying and isinstance(hf_targets, list):  # the tied embedding's full name PEFT appends
+    appended = {hf_name_of[p] for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names}
+    hf_targets = [t for t in hf_targets if t not in appended]
   names_only = (isinstance(hf_targets, list) and all("." not in t for t in hf_targets)
                 and hf_config.get("layers_to_transform") is None
                 and hf_config.get("exclude_modules") is None)
@@ -659,7 +784,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
       alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
                      if a != default_alpha},
-      modules_to_save=saved_modules, bias=bias)
+      modules_to_save=saved_modules, bias=bias, ensure_weight_tying=tying)
   problems = saved_lib.config_misfits(flat, config)
   if problems:
     raise ut.FileFormatError(f"{weights_path}: the saved tensors do not match "

@@ -174,6 +174,7 @@ class Hyperparameters:
     seed: seeds adapter init, dropout and layer draws.
     modules_to_save: modules trained in full (LoRA-family methods).
     bias: ``"none"``, ``"lora_only"`` or ``"all"`` biases train (LoRA-family methods).
+    ensure_weight_tying: PEFT's option for tied embeddings (LoRA-family methods).
   """
 
   method: str = "lora"
@@ -192,6 +193,7 @@ class Hyperparameters:
   seed: int = 0
   modules_to_save: tuple[str, ...] | None = None
   bias: str = "none"
+  ensure_weight_tying: bool = False
 
   def validate(self) -> None:
     """Raises :class:`CliError` naming the first bad value (NaN and inf included)."""
@@ -216,8 +218,10 @@ class Hyperparameters:
       raise CliError(f"--weight-decay must be >= 0 and finite, got {self.weight_decay}.")
     if self.seed < 0:
       raise CliError(f"--seed must be >= 0, got {self.seed}.")
-    if (self.modules_to_save or self.bias != "none") and self.method not in SAVED_METHODS:
-      raise CliError(f"--modules-to-save and --bias need one of {', '.join(SAVED_METHODS)}; "
+    if ((self.modules_to_save or self.bias != "none" or self.ensure_weight_tying)
+        and self.method not in SAVED_METHODS):
+      raise CliError(f"--modules-to-save, --bias and --ensure-weight-tying need one of "
+                     f"{', '.join(SAVED_METHODS)}; "
                      f"{self.method} would ignore them.")
 
 
@@ -262,7 +266,8 @@ SAVED_METHODS = ("lora", "rslora", "dora", "qlora", "loraplus")
 def _lora_config(hp: Hyperparameters, cls=pj.LoRAConfig, **extra) -> pj.LoRAConfig:
   return cls(rank=hp.rank, alpha=hp.alpha, target_modules=hp.targets, dropout=hp.dropout,
              use_rslora=hp.method == "rslora", use_dora=hp.method == "dora",
-             modules_to_save=hp.modules_to_save, bias=hp.bias, **extra)
+             modules_to_save=hp.modules_to_save, bias=hp.bias,
+             ensure_weight_tying=hp.ensure_weight_tying, **extra)
 
 
 def _adapters(hp: Hyperparameters, model: LoadedModel, config, key) -> tuple[Any, Any]:
@@ -776,7 +781,8 @@ def hyperparameters_from_args(args) -> Hyperparameters:
       galore_rank=args.galore_rank, galore_update_gap=args.galore_update_gap,
       lisa_layers=args.lisa_layers, lisa_interval=args.lisa_interval, seed=args.seed,
       modules_to_save=_saved_names(getattr(args, "modules_to_save", None)),
-      bias=getattr(args, "bias", "none"))
+      bias=getattr(args, "bias", "none"),
+      ensure_weight_tying=getattr(args, "ensure_weight_tying", False))
 
 
 def _saved_names(spec: str | None) -> tuple[str, ...] | None:

@@ -63,6 +63,9 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, batch:
                       help="comma-separated modules trained in full (PEFT's modules_to_save)")
   parser.add_argument("--bias", choices=("none", "lora_only", "all"), default="none",
                       help="which biases train (PEFT's bias option; default none)")
+  parser.add_argument("--ensure-weight-tying", action="store_true",
+                      help="tied embeddings: one trained copy (or LoRA) of the table serves the "
+                           "input and the head (PEFT's ensure_weight_tying)")
   parser.add_argument("--lr", type=float, default=None,
                       help="learning rate (default per method: 1e-3 adapters, 2e-4 LoRA+, "
                            "1e-4 GaLore, 5e-5 LISA and full)")

@@ -76,6 +76,10 @@ class LoRAConfig:
     bias: which biases train, as PEFT: ``"none"``, ``"lora_only"`` (biases of
       adapted modules) or ``"all"``; each gets a trainable copy in
       ``<module>/saved/bias``. A model without such biases is an error.
+    ensure_weight_tying: PEFT's option for tied embeddings: a saved embedding
+      or tied ``lm_head`` becomes ONE trainable copy
+      ``<embedding>/saved/tied_embedding`` that the input lookup and the tied
+      head both read (see :mod:`peft_jax.lora.saved`).
   """
 
   rank: int = 8
@@ -95,6 +99,7 @@ class LoRAConfig:
   weight_names: tuple[str, ...] = targeting.KERNEL_LEAVES
   modules_to_save: tuple[str, ...] | None = None
   bias: str = "none"
+  ensure_weight_tying: bool = False
 
   def __init_subclass__(cls, **kwargs):
     super().__init_subclass__(**kwargs)
@@ -135,7 +140,7 @@ class LoRAConfig:
     for key, a in self.alpha_pattern.items():
       _check_alpha(a, f"alpha_pattern[{key!r}]")
     validation.number(self.dropout, "dropout", low=0.0, high=1.0, high_open=True)
-    for name in ("use_rslora", "use_dora", "magnitude_trainable"):
+    for name in ("use_rslora", "use_dora", "magnitude_trainable", "ensure_weight_tying"):
       set_(name, validation.boolean(getattr(self, name), name))
     validation.integer(self.loftq_iter, "loftq_iter", low=1)
     if self.modules_to_save is not None:

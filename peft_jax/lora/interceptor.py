@@ -22,7 +22,9 @@ A module holding trainable copies (``<module>/saved``, from
 ``modules_to_save`` or ``bias``: :mod:`peft_jax.lora.saved`) runs with the
 copies in place of its params (``nn.Embed`` in ``__call__`` only: a tied
 head, ``Embed.attend``, keeps the original, as PEFT, unless the head itself
-was saved: then ``attend`` uses its untied copy ``saved/untied_head``).
+was saved: then ``attend`` uses its untied copy ``saved/untied_head``; with
+``ensure_weight_tying`` both read the one copy ``saved/tied_embedding``, and
+an adapted embedding's ``attend`` adds its LoRA term too).
 
 Never silent: when an apply inside :func:`intercept` ends with an adapter
 leaf that added nothing (its module was never called, or no product used its
@@ -223,13 +225,17 @@ class _Interceptor:
   @staticmethod
   def _copies(module, method_name):
     """The module's trainable copies; a tied head (``Embed.attend``) keeps the original
-    unless the head was copied untied (``saved/untied_head``, :mod:`peft_jax.lora.saved`)."""
+    unless the head was copied untied (``saved/untied_head``, :mod:`peft_jax.lora.saved`)
+    or shares the lookup's copy (``saved/tied_embedding``, ``ensure_weight_tying``)."""
     if not module.has_variable("params", targeting.SAVED):
       return {}
     copies = module.get_variable("params", targeting.SAVED)
     copies = dict(copies) if isinstance(copies, Mapping) else {}
     if isinstance(module, nn.Embed):
       head = copies.pop(saved_lib.HEAD, None)
+      tied = copies.pop(saved_lib.TIED, None)  # ensure_weight_tying: both uses read it
+      if tied is not None:
+        head, copies = tied, {**copies, "embedding": tied}
       if method_name == "attend":
         return {} if head is None else {saved_lib.HEAD: head}
       if method_name != "__call__":
@@ -238,10 +244,28 @@ class _Interceptor:
 
   def _route(self, module, next_fun, args, kwargs, context):
     if isinstance(module, SUPPORTED):
+      if (context.method_name == "attend" and self.config is not None
+          and self.config.ensure_weight_tying and module.has_variable("params", "lora_a")):
+        return self._tied_attend(module, next_fun, args, kwargs)
       if context.method_name != "__call__":
         return next_fun(*args, **kwargs)
       return self._builtin(module, next_fun, args, kwargs)
     return self._op_call(module, next_fun, args, kwargs)
+
+  def _tied_attend(self, module, next_fun, args, kwargs):
+    """A tied head with ``ensure_weight_tying``: ``attend`` adds the embedding's LoRA term,
+    ``s * (dropout(q) B^T) A^T`` (PEFT's lm_head LoRA with A = B_emb^T, B = A_emb^T)."""
+    path = module_path(module)
+    lora_a, lora_b, magnitude, lora_e = _adapter_leaves(module)
+    if magnitude is not None or lora_e is not None:
+      raise ValueError(f"ensure_weight_tying ties plain LoRA only; {path!r} holds DoRA or "
+                       "AdaLoRA leaves.")
+    scale = self.config.scale_for(path, _check_rank(self.config, path, lora_a, lora_e))
+    out = next_fun(*args, **kwargs)
+    query = args[0] if args else kwargs["query"]
+    query = _dropout(query, self.config.dropout, module, self._is_deterministic(module))
+    lora = (query.astype(lora_b.dtype) @ lora_b.T) @ lora_a.T
+    return out + (scale * lora).astype(out.dtype)
 
   def _builtin(self, module, next_fun, args, kwargs):
     path = module_path(module)

@@ -20,8 +20,14 @@ The output head of a tied model (``modules_to_save=["lm_head"]`` without an
 ``lm_head`` of its own) is copied untied, as PEFT deep-copies ``lm_head``:
 ``<embedding module>/saved/untied_head`` (a copy of the ``(vocab, hidden)``
 table) is what ``Embed.attend`` uses, while the input lookup keeps the base
-table. PEFT's ``ensure_weight_tying`` (one copy shared by both) is not
-implemented.
+table.
+
+With ``ensure_weight_tying=True`` (PEFT's option) a tied model gets ONE copy
+of the table instead, ``<embedding module>/saved/tied_embedding``, read by
+both the input lookup (``Embed.__call__``) and the head (``Embed.attend``),
+when ``modules_to_save`` names the embedding, the tied head, or both; its
+gradient is the sum of both uses', and :func:`peft_jax.merge` writes it into
+the one table.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from peft_jax import targeting
 
 SAVED = targeting.SAVED
 HEAD = "untied_head"  # a tied model's head copy, in the embedding's `saved` dict
+TIED = "tied_embedding"  # ensure_weight_tying: one copy for the lookup and the tied head
 
 
 def is_saved_path(path: str) -> bool:
@@ -48,7 +55,7 @@ def base_path(path: str) -> str:
   """The base leaf a copy stands for: ``lm_head/saved/kernel`` -> ``lm_head/kernel``."""
   module, leaf = targeting.split_path(path)
   owner = targeting.split_path(module)[0]
-  leaf = "embedding" if leaf == HEAD else leaf  # the head copy of a tied embedding
+  leaf = "embedding" if leaf in (HEAD, TIED) else leaf  # copies of a tied embedding
   return f"{owner}/{leaf}" if owner else leaf
 
 
@@ -77,7 +84,7 @@ def is_head_name(name: str) -> bool:
 
 def tied_embedding(flat: Mapping[str, Any], name: str) -> str | None:
   """The embedding module that is the head, when ``name`` names the absent head of a tied model."""
-  if not is_head_name(name) or not _tied(flat):
+  if not is_head_name(name) or not is_tied(flat):
     return None
   tables = [m for m in _module_leaves(flat) if f"{m}/embedding" in flat]
   return tables[0] if len(tables) == 1 else None
@@ -86,6 +93,64 @@ def tied_embedding(flat: Mapping[str, Any], name: str) -> str | None:
 def head_copies(flat: Mapping[str, Any]) -> list[str]:
   """The untied head copies (``.../saved/untied_head``) in ``flat``."""
   return [p for p in flat if is_saved_path(p) and targeting.split_path(p)[1] == HEAD]
+
+
+def tied_copies(flat: Mapping[str, Any]) -> list[str]:
+  """The shared copies of ``ensure_weight_tying`` (``.../saved/tied_embedding``) in ``flat``."""
+  return [p for p in flat if is_saved_path(p) and targeting.split_path(p)[1] == TIED]
+
+
+def _names_tied_table(flat: Mapping[str, Any], names: tuple[str, ...]) -> str | None:
+  """The embedding module of a tied model that ``names`` (``modules_to_save``) name, itself
+  or as its tied head; None when the model is untied or no name touches it."""
+  table = tied_embedding(flat, "lm_head")
+  if table is None:
+    return None
+  hit = any(is_head_name(n) or targeting.name_matches(n, table) for n in names)
+  return table if hit else None
+
+
+def _tie_target(flat: Mapping[str, Any], config, adapted: set[str]) -> str | None:
+  """The embedding ``ensure_weight_tying`` shares between lookup and head, else None
+  (after a warning when the option can do nothing, as PEFT warns).
+
+  A LoRA-adapted tied embedding is tied too (the head, ``Embed.attend``, adds
+  the embedding's LoRA term: PEFT's ``target_modules_to_tie``); that needs no copy.
+
+  Raises:
+    ValueError: LoRA on an embedding of a model with its own head (nothing to
+      tie), or DoRA/AdaLoRA on the tied embedding (PEFT ties plain LoRA A and B).
+  """
+  if not config.ensure_weight_tying:
+    return None
+  names = config.modules_to_save or ()
+  table = tied_embedding(flat, "lm_head")
+  if table is not None and table in adapted:
+    if _names_tied_table(flat, names):
+      raise ValueError(f"Module {table!r} is both a LoRA target and, tied, in modules_to_save: "
+                       "a saved module is trained whole, so leave it out of target_modules.")
+    extra = sorted(n for n in ("lora_magnitude", "lora_e") if f"{table}/{n}" in flat)
+    if extra:
+      raise ValueError(f"ensure_weight_tying=True ties plain LoRA A and B of the tied embedding "
+                       f"{table!r} to its head; {extra} (DoRA, AdaLoRA) cannot be tied.")
+    return None  # LoRA tied: Embed.attend adds the embedding's LoRA term
+  embedded = sorted(m for m in adapted if f"{m}/embedding" in flat)
+  if embedded and not is_tied(flat):
+    raise ValueError(
+        f"ensure_weight_tying=True with LoRA on the embedding {embedded} of a model with an "
+        "output head of its own: there is nothing to tie (PEFT only warns); drop the option.")
+  table = _names_tied_table(flat, names)
+  if table is not None:
+    return table
+  if tied_embedding(flat, "lm_head") is None:
+    warnings.warn("ensure_weight_tying=True, but these params have no tied embeddings (an "
+                  "output head of its own, or no single embedding table): nothing to tie; "
+                  "every saved module trains its own copy (PEFT warns so too).", stacklevel=4)
+  else:
+    warnings.warn("ensure_weight_tying=True, but modules_to_save names neither the tied "
+                  "embedding nor the output head: nothing to tie (PEFT warns so too).",
+                  stacklevel=4)
+  return None
 
 
 def _saved_modules(flat: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:
@@ -138,25 +203,25 @@ def add_copies(flat: dict[str, Any], config) -> list[str]:
     ValueError: a ``modules_to_save`` name that matches no module, a module
       both adapted and saved, or a ``bias`` option with no bias to train.
   """
+  adapted = _adapted_modules(flat)
+  tie = _tie_target(flat, config, adapted)
   saved = _saved_modules(flat, config.modules_to_save or ())
   modules = _module_leaves(flat)
   copies = []
-  adapted = _adapted_modules(flat)
   for module in saved:
     if module in adapted:
       raise ValueError(f"Module {module!r} is both a LoRA target and in modules_to_save: "
                        "a saved module is trained whole, so leave it out of target_modules.")
-    copies += modules[module]
+    if module != tie:  # the tied table gets its one shared copy below
+      copies += modules[module]
   if config.bias != "none":
     copies += [p for p in _bias_paths(flat, config.bias) if p not in copies]
-  heads = {tied_embedding(flat, n) for n in config.modules_to_save or ()} - {None}
+  heads = {tied_embedding(flat, n) for n in config.modules_to_save or ()} - {None, tie}
+  if tie is not None:
+    _copy_leaf(flat, f"{tie}/embedding", f"{tie}/{SAVED}/{TIED}")
   for module in heads:
     path = f"{module}/{SAVED}/{HEAD}"
-    if path in flat:
-      raise ValueError(f"{path!r} exists already: merge or split the copies off first.")
-    table = flat[f"{module}/embedding"]
-    table = table.dequantize() if hasattr(table, "dequantize") else table
-    flat[path] = jnp.array(table, copy=True)
+    _copy_leaf(flat, f"{module}/embedding", path)
     warnings.warn(
         f"modules_to_save names the output head of a model with tied embeddings: the head "
         f"becomes an untied trainable copy of {module!r} ({path}), used by Embed.attend; the "
@@ -164,14 +229,9 @@ def add_copies(flat: dict[str, Any], config) -> list[str]:
         "ensure_weight_tying. peft_jax.merge refuses it (one table cannot hold both).",
         stacklevel=3)
   for path in copies:
-    if copy_path(path) in flat:
-      raise ValueError(f"{copy_path(path)!r} exists already: merge or split the copies off first.")
-    value = flat[path]
-    # A quantized base weight trains as a dense copy in its compute dtype.
-    value = value.dequantize() if hasattr(value, "dequantize") else value
-    flat[copy_path(path)] = jnp.array(value, copy=True)
-  embeddings = [m for m in saved if f"{m}/embedding" in flat]
-  if embeddings and _tied(flat):
+    _copy_leaf(flat, path, copy_path(path))
+  embeddings = [m for m in saved if f"{m}/embedding" in flat and m != tie]
+  if embeddings and is_tied(flat):
     warnings.warn(
         f"modules_to_save copies the embedding {embeddings} of a model without an output head "
         "of its own (tied embeddings): the trained copy acts on the input lookup only; the tied "
@@ -179,6 +239,15 @@ def add_copies(flat: dict[str, Any], config) -> list[str]:
         "ensure_weight_tying. peft_jax.merge refuses it (it would change the head too).",
         stacklevel=3)
   return saved
+
+
+def _copy_leaf(flat: dict[str, Any], path: str, to: str) -> None:
+  if to in flat:
+    raise ValueError(f"{to!r} exists already: merge or split the copies off first.")
+  value = flat[path]
+  # A quantized base weight trains as a dense copy in its compute dtype.
+  value = value.dequantize() if hasattr(value, "dequantize") else value
+  flat[to] = jnp.array(value, copy=True)
 
 
 def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None) -> list[str]:
@@ -197,10 +266,13 @@ def misfits(flat: Mapping[str, Any], base_flat: Mapping[str, Any] | None = None)
     elif tuple(getattr(original, "shape", ())) != tuple(getattr(value, "shape", ())):
       problems.append(f"{path}: shape {tuple(value.shape)} but the base "
                       f"{base_path(path)!r} is {tuple(original.shape)}")
+    elif targeting.split_path(path)[1] == TIED and not is_tied(base_flat):
+      problems.append(f"{path}: a copy shared with the tied head (ensure_weight_tying), but "
+                      "the base has an output head of its own")
   return problems
 
 
-def _tied(flat: Mapping[str, Any]) -> bool:
+def is_tied(flat: Mapping[str, Any]) -> bool:
   """Whether the params have no output head of their own (the embedding is the head)."""
   return not any(targeting.split_path(m)[1] in targeting.OUTPUT_HEAD_NAMES
                  for m in _module_leaves(flat))
@@ -219,7 +291,7 @@ def merge_copies(flat: dict[str, Any]) -> None:
     raise ValueError(
         f"Cannot merge the untied head copy {head_copies(flat)[0]!r} into a model with tied "
         "embeddings: its head and input lookup would need two tables. Serve it unmerged.")
-  if tied and _tied(flat):
+  if tied and is_tied(flat):
     raise ValueError(
         f"Cannot merge the saved copy {tied[0]!r} of a tied embedding: the adapted model runs "
         "the input lookup on the copy but the tied head (Embed.attend) on the original, which "
@@ -232,17 +304,29 @@ def merge_copies(flat: dict[str, Any]) -> None:
 
 def config_misfits(flat: Mapping[str, Any], config) -> list[str]:
   """Where the copies in ``flat`` and ``config``'s ``modules_to_save``/``bias`` disagree."""
-  copies = sorted({targeting.split_path(targeting.split_path(p)[0])[0]
-                   for p in flat if is_saved_path(p) and not p.endswith(f"/{HEAD}")})
+  owner = lambda p: targeting.split_path(targeting.split_path(p)[0])[0]
+  tied = tied_copies(flat)
+  copies = sorted({owner(p) for p in flat if is_saved_path(p) and not p.endswith(f"/{HEAD}")
+                   and p not in tied})
   biases = [p for p in flat if is_saved_path(p) and p.endswith("/bias")]
   names = config.modules_to_save or ()
   heads = [n for n in names if is_head_name(n)]
   problems = [f"modules_to_save entry {n!r}: no saved copy of such a module"
               for n in names if not any(targeting.name_matches(n, m) for m in copies)
-              and not (n in heads and head_copies(flat))]
+              and not (n in heads and (head_copies(flat) or tied))
+              and not any(targeting.name_matches(n, owner(p)) for p in tied)]
   if head_copies(flat) and not heads:
     problems.append(f"{head_copies(flat)[0]}: an untied head copy, but modules_to_save names "
                     "no output head")
+  for path in tied:
+    if not config.ensure_weight_tying:
+      problems.append(f"{path}: a copy shared with the tied head, but ensure_weight_tying "
+                      "is False")
+    if not heads and not any(targeting.name_matches(n, owner(path)) for n in names):
+      problems.append(f"{path}: a tied copy, but modules_to_save names neither the embedding "
+                      "nor the head")
+    if f"{owner(path)}/{SAVED}/{HEAD}" in flat or f"{owner(path)}/{SAVED}/embedding" in flat:
+      problems.append(f"{path}: a tied copy beside another copy of the same table")
   if config.bias != "none" and not biases:
     problems.append(f"bias={config.bias!r}: no saved bias copy")
   for module in copies:

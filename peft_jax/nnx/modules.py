@@ -77,15 +77,18 @@ def with_copies(module, call):
   """``call()`` with the module's trainable copies (its ``saved`` dict, see
   :mod:`peft_jax.lora.saved`) standing in for its params. Only ``__call__``
   runs here: a tied head (``Embed.attend``) keeps the original, as in PEFT,
-  unless the head was saved (``saved/untied_head``, see :func:`_peft_attend`)."""
+  unless the head was saved (``saved/untied_head``) or tied to the lookup's copy
+  (``saved/tied_embedding``), see :func:`_peft_attend`."""
   copies = getattr(module, targeting.SAVED, None)
   if not isinstance(copies, nnx.Dict):
     return call()
-  names = [name for name, _ in copies.items() if name != saved_lib.HEAD]
-  originals = {name: getattr(module, name).get_value() for name in names}
+  values = {name: var.get_value() for name, var in copies.items() if name != saved_lib.HEAD}
+  if saved_lib.TIED in values:  # ensure_weight_tying: the lookup reads the shared copy
+    values["embedding"] = values.pop(saved_lib.TIED)
+  originals = {name: getattr(module, name).get_value() for name in values}
   try:
-    for name in names:
-      getattr(module, name).set_value(copies[name].get_value())
+    for name, value in values.items():
+      getattr(module, name).set_value(value)
     return call()
   finally:
     for name, value in originals.items():
@@ -93,18 +96,39 @@ def with_copies(module, call):
 
 
 def _peft_attend(self, query):
-  """``Embed.attend`` (a tied head) on the untied head copy when the head was saved."""
+  """``Embed.attend`` (a tied head) on the untied head copy when the head was saved, or on
+  the copy it shares with the lookup (``saved/tied_embedding``, ``ensure_weight_tying``)."""
   copies = getattr(self, targeting.SAVED, None)
   head = super(type(self), self).attend
-  copy = dict(copies.items()).get(saved_lib.HEAD) if isinstance(copies, nnx.Dict) else None
+  copies = dict(copies.items()) if isinstance(copies, nnx.Dict) else {}
+  copy = copies.get(saved_lib.HEAD, copies.get(saved_lib.TIED))
   if copy is None:
-    return head(query)
+    out, lora = head(query), _tied_lora(self, query)
+    return out if lora is None else out + lora.astype(out.dtype)
   original = self.embedding.get_value()
   try:
     self.embedding.set_value(copy.get_value())
     return head(query)
   finally:
     self.embedding.set_value(original)
+
+
+def _tied_lora(module, query):
+  """With ``ensure_weight_tying``, a tied head adds the embedding's LoRA term
+  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``); else None."""
+  lora_a = _leaf(module, "lora_a")
+  config = getattr(module, "lora_config", None)
+  if lora_a is None or config is None or not config.ensure_weight_tying:
+    return None
+  if _leaf(module, "lora_magnitude") is not None or _leaf(module, "lora_e") is not None:
+    raise ValueError(f"ensure_weight_tying ties plain LoRA only; {module.lora_path!r} holds "
+                     "DoRA or AdaLoRA leaves.")
+  scale = _rank_and_scale(module, lora_a, None)
+  dropout = getattr(module, "lora_dropout", None)
+  if dropout is not None and not _no_dropout():
+    query = dropout(query)
+  lora_b = _leaf(module, "lora_b")
+  return scale * ((query.astype(lora_b.dtype) @ lora_b.T) @ lora_a.T)
 
 
 def _subclass(base: type, call) -> type:

@@ -2,9 +2,10 @@
 
 Run offline with the reference environment, never in the test suite:
 
-    HF_HUB_OFFLINE=1 /work/refvenv/bin/python tests/data/make_hf_tiny_references.py
+    HF_HUB_OFFLINE=1 /work/refvenv/bin/python tests/data/make_hf_tiny_references.py [family ...]
 
-For each family (Gemma 3, Qwen2, Mistral) a tiny model is built by
+For each family (Gemma 3, Qwen2, Mistral, a Llama with tied embeddings as
+SmolLM2's) a tiny model is built by
 transformers with seeded random weights (norm weights and biases randomised
 too, so a wrong convention shows), saved with `save_pretrained`
 (`config.json` + `model.safetensors`, float32) into `hf_tiny/<family>/`, and
@@ -15,6 +16,7 @@ left-padded by 3 with an attention mask) are stored in
 
 import json
 import pathlib
+import sys
 
 import torch
 import transformers
@@ -51,15 +53,21 @@ def gemma3():
     return transformers.Gemma3ForCausalLM(config)
 
 
+# The shape of the Llama-family models (Qwen2, Mistral, tied Llama).
+LLAMA_SHAPE = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+)
+
+
 def qwen2():
     config = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
+        **LLAMA_SHAPE,
         rope_theta=1000.0,
         rms_norm_eps=1e-6,
         tie_word_embeddings=False,
@@ -70,15 +78,9 @@ def qwen2():
 
 def mistral():
     config = transformers.MistralConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
+        **LLAMA_SHAPE,
         head_dim=8,
         sliding_window=4,
-        max_position_embeddings=64,
         rope_theta=500.0,
         rms_norm_eps=1e-5,
         tie_word_embeddings=False,
@@ -87,8 +89,25 @@ def mistral():
     return transformers.MistralForCausalLM(config)
 
 
-def main():
-    for family, build in (("gemma3", gemma3), ("qwen2", qwen2), ("mistral", mistral)):
+def llama_tied():
+    config = transformers.LlamaConfig(
+        **LLAMA_SHAPE,
+        rope_theta=10000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    )
+    config._attn_implementation = "eager"
+    return transformers.LlamaForCausalLM(config)
+
+
+FAMILIES = (("gemma3", gemma3), ("qwen2", qwen2), ("mistral", mistral),
+            ("llama_tied", llama_tied))
+
+
+def main(only=()):
+    for family, build in FAMILIES:
+        if only and family not in only:
+            continue
         torch.manual_seed(0)
         model = build().float().eval()
         with torch.no_grad():
@@ -106,6 +125,7 @@ def main():
             ).logits
         directory = OUTPUT / family
         model.save_pretrained(directory, safe_serialization=True)
+        (directory / "generation_config.json").unlink(missing_ok=True)  # not read
         reference = {
             "source": (
                 f"transformers {transformers.__version__}, torch {torch.__version__}: "
@@ -124,4 +144,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(tuple(sys.argv[1:]))

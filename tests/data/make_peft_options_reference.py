@@ -13,6 +13,7 @@ PEFT model's float32 logits on the base's `reference.json` inputs go to
 `hf_tiny/<case>/reference.json` with the list of trainable parameter names.
 """
 
+import copy
 import json
 import pathlib
 import sys
@@ -38,6 +39,23 @@ LATER = {
     # The tied head saved: PEFT deep-copies lm_head (an untied trained head; the input
     # embedding keeps the original table) and warns.
     "gemma3_head": ("gemma3", dict(target_modules=["q_proj"], modules_to_save=["lm_head"])),
+    # ensure_weight_tying: ONE trained copy of the table, read by the input lookup and the
+    # tied head; saved under both keys (lm_head.weight, model.embed_tokens.weight).
+    "gemma3_tied": ("gemma3", dict(target_modules=["q_proj"], modules_to_save=["lm_head"],
+                                   ensure_weight_tying=True)),
+    "gemma3_tied_embed": ("gemma3", dict(target_modules=["q_proj"],
+                                         modules_to_save=["embed_tokens"],
+                                         ensure_weight_tying=True)),
+    # ensure_weight_tying with LoRA on the tied embedding: the head gets LoRA whose A and B
+    # are the embedding's B and A transposed (the same storage).
+    "gemma3_tied_lora": ("gemma3", dict(target_modules=["q_proj", "embed_tokens"],
+                                        ensure_weight_tying=True)),
+    # The same two on a Llama with tied embeddings (SmolLM2's family, our linen model).
+    "llama_tied_saved": ("llama_tied", dict(target_modules=["q_proj"],
+                                            modules_to_save=["embed_tokens", "lm_head"],
+                                            ensure_weight_tying=True)),
+    "llama_tied_lora": ("llama_tied", dict(target_modules=["q_proj", "embed_tokens"],
+                                           ensure_weight_tying=True)),
 }
 
 
@@ -53,7 +71,8 @@ def main(only=()):
     config._attn_implementation = "eager"
     model = transformers.AutoModelForCausalLM.from_pretrained(base, config=config,
                                                               dtype=torch.float32)
-    lora = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **options)
+    # A copy: ensure_weight_tying rewrites the modules_to_save list it is given in place.
+    lora = peft.LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", **copy.deepcopy(options))
     model = peft.get_peft_model(model, lora)
     torch.manual_seed(100 + seed)
     trainable = []
@@ -69,7 +88,9 @@ def main(only=()):
           attention_mask=torch.tensor(reference["attention_mask"]),
           position_ids=torch.tensor(reference["positions"])).logits
     directory = HF_TINY / case
-    model.save_pretrained(directory)
+    # No copies of the base embedding (PEFT's default for an embedding target; the same as
+    # "auto" for the other cases): the adapter file holds the adapter alone.
+    model.save_pretrained(directory, save_embedding_layers=False)
     (directory / "README.md").unlink()  # peft's generic model card
     out = {
         "source": (f"peft {peft.__version__}, transformers {transformers.__version__}, "
