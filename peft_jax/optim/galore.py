@@ -20,7 +20,7 @@ import optax
 from optax._src import base
 from optax._src import numerics
 
-from peft_jax import validation
+from peft_jax import _lapack, validation
 from peft_jax.optim import _paths
 
 __all__ = [
@@ -266,15 +266,11 @@ def _one_lapack_call_per_matrix(fn: Callable[..., Any]) -> Callable[..., Any]:
   thread pool and block until the pieces are done. When as many batched
   calls as the pool has threads run at once (the independent QRs, SVDs or
   eigendecompositions of one refresh), every pool thread is waiting and the
-  pieces never run: the step hangs forever, asleep. A batch of one runs
-  inline, so on CPU the batch becomes a `lax.map` loop (independent loops
-  still run side by side on the pool); GPU and TPU keep the batched call.
+  pieces never run: the step hangs forever, asleep. `_lapack.map_matrices`
+  runs one matrix per call on CPU (a batch of one runs inline); GPU and TPU
+  keep the batched call.
   """
-
-  def per_matrix(*xs):
-    return jax.lax.map(lambda args: fn(*args), xs)
-
-  return lambda *xs: jax.lax.platform_dependent(*xs, cpu=per_matrix, default=fn)
+  return lambda *xs: _lapack.map_matrices(fn, *xs, batch_ndim=1)
 
 
 @_one_lapack_call_per_matrix
