@@ -71,7 +71,7 @@ trees = [{m: {"lora_a": jnp.asarray(rng.normal(size=(30, 576, 4)), jnp.float32),
               "lora_b": jnp.asarray(rng.normal(size=(30, 4, 136)), jnp.float32)} for m in "abcd"}
          for _ in range(2)]
 f = jax.jit(lambda t: combine_adapters(t, [1.0, 0.7], "svd", configs=config)[0])
-for _ in range(3):
+for _ in range(2):
   jax.block_until_ready(f(trees))
 print("done")
 """
@@ -83,7 +83,7 @@ def test_jitted_svd_combination_of_four_stacked_modules_does_not_hang(tmp_path):
   env = dict(os.environ, PYTHONPATH=str(ROOT), JAX_PLATFORMS="cpu")
   try:
     proc = subprocess.run([sys.executable, "-c", _CHILD], env=env, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=300, check=False)
+                          capture_output=True, text=True, timeout=600, check=False)
   except subprocess.TimeoutExpired:
     pytest.fail("jitted SVD combination of four stacked modules hung (batched CPU LAPACK deadlock)")
   assert proc.returncode == 0 and "done" in proc.stdout, proc.stderr[-2000:]
