@@ -598,7 +598,7 @@ def scale_by_galore(
     oversample: extra probes of the randomized refresh.
     power_iterations: power iterations of the randomized refresh (1: at
       least 0.99 of the exact SVD's captured gradient energy on SmolLM2's
-      shapes, see README; 2 for 0.997 at about 1.5x the cost).
+      shapes, see README; 2 for 0.997 at about 1.6x the cost).
     seed: seed of the randomized refresh's probes (folded with the step).
     reset_moments: zero the projected moments at each refresh.
 
