@@ -378,7 +378,7 @@ def _one_side_projector(
   `power_iterations=0`: `Q = qr(A Ω)`, then Rayleigh-Ritz on `B = Qᵀ A`
   (eigenvectors of `B Bᵀ`).
   """
-  g = g3.astype(jnp.float32)  # (nb, in, out), used in place: no transposed copies
+  g = g3.astype(jnp.float32)  # (nb, in, out); XLA may copy it transposed once (out side)
   a_spec = "brc" if plan.side == "in" else "bcr"  # A: projected side r as rows
   times_cols = lambda x: jnp.einsum(f"{a_spec},bck->brk", g, x)  # A x
   times_rows = lambda y: jnp.einsum(f"{a_spec},brk->bck", g, y)  # Aᵀ y
