@@ -357,6 +357,12 @@ def test_default_refresh_spans_top_subspace_one_sided_and_never_retraces(kernel_
     assert update._cache_size() == 1  # pylint: disable=protected-access
     side = state.in_projector if n_out >= n_in else state.out_projector
     projectors[method] = np.asarray(side["mlp"]["kernel"])
+    # A zero gradient at a refresh (singular Nystrom core): finite orthonormal projector.
+    zero, zero_state = update(jax.tree.map(jnp.zeros_like, grads), tx.init(params), None)
+    side = zero_state.in_projector if n_out >= n_in else zero_state.out_projector
+    np.testing.assert_allclose(side["mlp"]["kernel"].T @ side["mlp"]["kernel"], np.eye(4),
+                               atol=1e-5)
+    assert not np.asarray(zero["mlp"]["kernel"]).any()
   a, b = projectors["svd"], projectors["auto"]
   assert a.shape == b.shape == (min(kernel_shape), 4)
   np.testing.assert_allclose(b.T @ b, np.eye(4), atol=1e-5)  # orthonormal

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import jax.numpy as jnp
 
+from peft_jax import _lapack
 from peft_jax.lora.layout import KernelLayout, from_matrix, to_matrix
 from peft_jax.quant.nf4 import NF4, is_quantized, quantize_array
 
@@ -53,7 +54,11 @@ def loftq_for_kernel(kernel, layout: KernelLayout, rank: int, num_iter: int, *,
                        stack_ndim=layout.batch_ndim, in_ndim=len(layout.in_axes))
     dense_q = to_matrix(q.dequantize(jnp.float32), layout)
     # SVD in torch layout (out, in) as the reference: L (out, r), R (r, in).
-    u, s, vh = jnp.linalg.svd(jnp.swapaxes(w - dense_q, -1, -2), full_matrices=False)
+    # One LAPACK call per matrix on CPU: batched SVDs of two kernels in one
+    # jitted program can deadlock jaxlib's thread pool (`_lapack`).
+    u, s, vh = _lapack.map_matrices(lambda d: jnp.linalg.svd(d, full_matrices=False),
+                                    jnp.swapaxes(w - dense_q, -1, -2),
+                                    batch_ndim=w.ndim - 2)
     root = jnp.sqrt(s[..., :rank])
     left = u[..., :, :rank] * root[..., None, :]
     right = root[..., :, None] * vh[..., :rank, :]

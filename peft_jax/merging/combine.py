@@ -42,7 +42,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from peft_jax import targeting
+from peft_jax import _lapack, targeting
 from peft_jax.lora.tree import adapter_modules
 from peft_jax.lora import layout as layout_lib
 from peft_jax.lora.config import LoRAConfig
@@ -285,7 +285,9 @@ def _combine_module(module, entries, method, batch, *, density, majority_sign_me
   merged = _merge_per_matrix(deltas, [w for w, *_ in entries], base_method, batch, key,
                              density=density, majority_sign_method=majority_sign_method)
   rank = min(svd_rank or max(a.shape[-1] for _, _, a, _ in entries), *merged.shape[-2:])
-  a_t, b_t = _per_matrix(lambda d: _svd_factors(d, rank, svd_clamp), batch)(merged)
+  # One LAPACK call per matrix on CPU (a batched SVD per module can deadlock, `_lapack`).
+  a_t, b_t = _lapack.map_matrices(lambda d: _svd_factors(d, rank, svd_clamp), merged,
+                                  batch_ndim=batch)
   lead = a_shape[:batch]
   lora_a = jnp.swapaxes(a_t, -1, -2).reshape(lead + in_shape + (rank,))
   lora_b = jnp.swapaxes(b_t, -1, -2).reshape(lead + (rank,) + out_shape)

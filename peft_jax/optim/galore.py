@@ -20,7 +20,7 @@ import optax
 from optax._src import base
 from optax._src import numerics
 
-from peft_jax import validation
+from peft_jax import _lapack, validation
 from peft_jax.optim import _paths
 
 __all__ = [
@@ -266,15 +266,11 @@ def _one_lapack_call_per_matrix(fn: Callable[..., Any]) -> Callable[..., Any]:
   thread pool and block until the pieces are done. When as many batched
   calls as the pool has threads run at once (the independent QRs, SVDs or
   eigendecompositions of one refresh), every pool thread is waiting and the
-  pieces never run: the step hangs forever, asleep. A batch of one runs
-  inline, so on CPU the batch becomes a `lax.map` loop (independent loops
-  still run side by side on the pool); GPU and TPU keep the batched call.
+  pieces never run: the step hangs forever, asleep. `_lapack.map_matrices`
+  runs one matrix per call on CPU (a batch of one runs inline); GPU and TPU
+  keep the batched call.
   """
-
-  def per_matrix(*xs):
-    return jax.lax.map(lambda args: fn(*args), xs)
-
-  return lambda *xs: jax.lax.platform_dependent(*xs, cpu=per_matrix, default=fn)
+  return lambda *xs: _lapack.map_matrices(fn, *xs, batch_ndim=1)
 
 
 @_one_lapack_call_per_matrix
@@ -315,10 +311,11 @@ def _randomized_projectors(
   """Approximate top-`rank` singular vectors by a randomized range finder.
 
   Halko, Martinsson & Tropp (2011), Algorithms 4.4 and 5.1: sketch the range
-  of the smaller side with `rank + oversample` Gaussian probes, sharpen it
-  with `power_iterations` QR-stabilised passes, then take an exact SVD of
-  the small `(rank + oversample) x other` matrix. Cost `O(n m (r + p)(2q +
-  2))` instead of `O(n m min(n, m))`.
+  of the smaller side with `rank + oversample` Gaussian probes (one probe
+  matrix for the whole batch), sharpen it with `power_iterations`
+  QR-stabilised passes, then take an exact SVD of the small
+  `(rank + oversample) x other` matrix. Cost `O(n m (r + p)(2q + 2))`
+  instead of `O(n m min(n, m))`.
   """
   g = g3.astype(jnp.float32)  # (nb, n, m)
   nb, n, m = g.shape
@@ -328,8 +325,8 @@ def _randomized_projectors(
     g = jnp.swapaxes(g, -1, -2)
   rows, cols = g.shape[1:]
   k = min(plan.rank + oversample, rows, cols)
-  omega = jax.random.normal(key, (nb, cols, k), jnp.float32)
-  q = _orthonormal_range(g @ omega)
+  omega = jax.random.normal(key, (cols, k), jnp.float32)
+  q = _orthonormal_range(jnp.einsum("brc,ck->brk", g, omega))
   for _ in range(power_iterations):
     z = _orthonormal_range(jnp.swapaxes(g, -1, -2) @ q)
     q = _orthonormal_range(g @ z)
@@ -342,31 +339,63 @@ def _randomized_projectors(
   return row_vectors, col_vectors  # (nb, n, r), (nb, m, r)
 
 
+def _nystrom_vectors(y: jax.Array, m: jax.Array, rank: int) -> jax.Array:
+  """Top-`rank` eigenvectors of the Nystrom approximation `Y M⁻¹ Yᵀ` of one matrix.
+
+  `Y = A X` (rows, k) and `M = Xᵀ A X` (k, k) for a symmetric PSD `A` and
+  an orthonormal `X`; with `Y = Q R` and `M + nu I = L Lᵀ` the
+  approximation is `Q (T Tᵀ) Qᵀ`, `T = R L⁻ᵀ`, so its eigenvectors are `Q`
+  times those of the `k x k` matrix `T Tᵀ`. The shift `nu = 10 k eps
+  max(diag M)` (float32 `eps`) keeps the Cholesky factorisation defined; if
+  it still fails, the eigenvectors of `R Rᵀ` (the left singular vectors of
+  `Y`) are taken instead.
+  """
+  k = m.shape[-1]
+  t_ = lambda x: jnp.swapaxes(x, -1, -2)
+  q, r = jnp.linalg.qr(y)
+  nu = 10 * k * jnp.finfo(jnp.float32).eps * jnp.max(jnp.diagonal(m, axis1=-2, axis2=-1), -1)
+  chol = jnp.linalg.cholesky(m + nu[..., None, None] * jnp.eye(k, dtype=m.dtype))
+  t = jax.lax.linalg.triangular_solve(chol, r, left_side=False, lower=True, transpose_a=True)
+  s = t @ t_(t)
+  s = jnp.where(jnp.all(jnp.isfinite(s), (-2, -1), keepdims=True), s, r @ t_(r))
+  vectors = jnp.linalg.eigh(s)[1]  # ascending eigenvalues
+  return q @ vectors[..., ::-1][..., :rank]
+
+
 def _one_side_projector(
     g3: jax.Array, plan: _Plan, key: jax.Array, oversample: int, power_iterations: int
 ) -> jax.Array:
   """Top-`rank` singular vectors of the projected side only, (nb, side, r).
 
-  The range finder of `_randomized_projectors` on `A` = the gradient with
-  the projected side as rows, with one QR per power iteration
-  (`Q <- qr(A Aᵀ Q)`) and, instead of an SVD of the `k x cols` sketch
-  `B = Qᵀ A`, the eigenvectors of the `k x k` matrix `B Bᵀ`: every large
-  product is a matmul, and LAPACK only sees `rows x k` QRs and a `k x k`
-  eigenproblem. Cost `2 rows cols k (2 q + 2)` flops.
+  With `A` = the gradient with the projected side as rows and one Gaussian
+  probe matrix `Ω` for the whole batch: `X = qr(A Ω)`, `power_iterations -
+  1` passes `X <- qr(A Aᵀ X)`, then the last pass `Y = A (Aᵀ X)` feeds a
+  Nystrom approximation of `A Aᵀ` (`_nystrom_vectors`, with `M = (Aᵀ X)ᵀ
+  (Aᵀ X)`): the subspace of Halko et al.'s range finder with as many power
+  passes, without its last product `Aᵀ Q`. Three matmuls per matrix at
+  `power_iterations=1`, `2 rows cols k` flops each; LAPACK sees two
+  `rows x k` QRs and a `k x k` Cholesky and eigenproblem. At
+  `power_iterations=0`: `Q = qr(A Ω)`, then Rayleigh-Ritz on `B = Qᵀ A`
+  (eigenvectors of `B Bᵀ`).
   """
-  g = g3.astype(jnp.float32)  # (nb, in, out), used in place: no transposed copies
+  g = g3.astype(jnp.float32)  # (nb, in, out); XLA may copy it transposed once (out side)
   a_spec = "brc" if plan.side == "in" else "bcr"  # A: projected side r as rows
   times_cols = lambda x: jnp.einsum(f"{a_spec},bck->brk", g, x)  # A x
   times_rows = lambda y: jnp.einsum(f"{a_spec},brk->bck", g, y)  # Aᵀ y
-  nb, rows = g.shape[0], (plan.n_in if plan.side == "in" else plan.n_out)
+  rows = plan.n_in if plan.side == "in" else plan.n_out
   cols = g.shape[1] * g.shape[2] // rows
   k = min(plan.rank + oversample, rows, cols)
-  q = _orthonormal_range(times_cols(jax.random.normal(key, (nb, cols, k), jnp.float32)))
-  for _ in range(power_iterations):
-    q = _orthonormal_range(times_cols(times_rows(q)))
-  z = times_rows(q)  # Aᵀ Q = Bᵀ, (nb, cols, k)
-  vectors = _eigenvectors(jnp.swapaxes(z, -1, -2) @ z)  # B Bᵀ; ascending eigenvalues
-  return q @ vectors[:, :, ::-1][:, :, : plan.rank]
+  omega = jax.random.normal(key, (cols, k), jnp.float32)
+  x = _orthonormal_range(jnp.einsum(f"{a_spec},ck->brk", g, omega))
+  if power_iterations == 0:
+    z = times_rows(x)  # Aᵀ Q = Bᵀ, (nb, cols, k)
+    vectors = _eigenvectors(jnp.swapaxes(z, -1, -2) @ z)  # B Bᵀ; ascending eigenvalues
+    return x @ vectors[:, :, ::-1][:, :, : plan.rank]
+  for _ in range(power_iterations - 1):
+    x = _orthonormal_range(times_cols(times_rows(x)))
+  w = times_rows(x)  # Aᵀ X, (nb, cols, k)
+  nystrom = _one_lapack_call_per_matrix(lambda y, m: _nystrom_vectors(y, m, plan.rank))
+  return nystrom(times_cols(w), jnp.swapaxes(w, -1, -2) @ w)
 
 
 _DEFAULT_OVERSAMPLE = 8
@@ -569,7 +598,7 @@ def scale_by_galore(
     oversample: extra probes of the randomized refresh.
     power_iterations: power iterations of the randomized refresh (1: at
       least 0.99 of the exact SVD's captured gradient energy on SmolLM2's
-      shapes, see README; 2 for 0.997 at about 1.5x the cost).
+      shapes, see README; 2 for 0.997 at about 1.6x the cost).
     seed: seed of the randomized refresh's probes (folded with the step).
     reset_moments: zero the projected moments at each refresh.
 
