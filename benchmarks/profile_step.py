@@ -162,6 +162,12 @@ def self_times(xplane: str, names: set[str]) -> tuple[dict, dict]:
 def build(method: str, layers: int, batch: int, seq: int,
           compiler_options: dict | None = None):
   """The jitted step, its arguments and the compiled executable (like bench_peer's ours child)."""
+  lowered, state, base, inputs, labels = lower(method, layers, batch, seq)
+  return lowered.compile(compiler_options), state, base, inputs, labels
+
+
+def lower(method: str, layers: int, batch: int, seq: int):
+  """The lowered step and its arguments (compile it with any ``compiler_options``)."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
   import numpy as np  # pylint: disable=import-outside-toplevel
@@ -189,8 +195,8 @@ def build(method: str, layers: int, batch: int, seq: int,
   state = training.init_train_state(trainable, optimizer)
   tokens = np.random.default_rng(0).integers(0, config.vocab_size, (batch, seq + 1), np.int32)
   inputs, labels = tokens[:, :-1], tokens[:, 1:]
-  compiled = step.lower(state, base, inputs, labels, jax.random.key(0)).compile(compiler_options)
-  return compiled, state, base, inputs, labels
+  lowered = step.lower(state, base, inputs, labels, jax.random.key(0))
+  return lowered, state, base, inputs, labels
 
 
 def profile(method: str, layers: int, steps: int, batch: int = 4, seq: int = 128,

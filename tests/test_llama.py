@@ -255,6 +255,39 @@ def test_default_positions_read_rotary_tables_instead_of_computing_them():
     assert "cosine(" in explicit.lower(params, jnp.arange(SEQ)).compile().as_text()
 
 
+def _transposed_shapes(jaxpr):
+    """Output shapes of every `transpose` in a jaxpr, sub-jaxprs included."""
+    shapes = []
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "transpose":
+            shapes.append(tuple(eqn.outvars[0].aval.shape))
+        for value in eqn.params.values():
+            for sub in value if isinstance(value, (tuple, list)) else (value,):
+                inner = getattr(sub, "jaxpr", sub)
+                if hasattr(inner, "eqns"):
+                    shapes += _transposed_shapes(inner)
+    return shapes
+
+
+def test_attention_scores_and_probabilities_are_never_transposed():
+    # Scores are laid out (batch, kv head, query, group, key), the order the
+    # query-key product yields, so neither the forward nor the backward pass
+    # transposes an array of scores (a copy per layer on XLA:CPU).
+    config = LlamaConfig.tiny()
+    params = random_params(config)
+    ids = input_ids(config, batch=1)
+    seq, heads = ids.shape[1], config.num_attention_heads
+    assert config.num_key_value_heads < heads  # grouped queries
+
+    def loss(p):
+        return jnp.sum(LlamaForCausalLM(config).apply({"params": p}, ids))
+
+    transposed = _transposed_shapes(jax.make_jaxpr(jax.grad(loss))(params).jaxpr)
+    assert transposed  # the walk sees the model's other transposes
+    scores = [s for s in transposed if len(s) == 5 and np.prod(s) == heads * seq * seq]
+    assert not scores, scores
+
+
 def test_changing_a_future_token_leaves_earlier_logits_unchanged():
     config = LlamaConfig.tiny()
     params = random_params(config)

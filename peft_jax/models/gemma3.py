@@ -358,13 +358,15 @@ class Gemma3Attention(nnx.Module):
         query = apply_rotary(self.q_norm(query), cos, sin)
         key = apply_rotary(self.k_norm(key), cos, sin)
 
-        # Query head h reads key/value head h // group_size.
+        # Query head h reads key/value head h // group_size. Scores are
+        # (batch, kv head, query, group, key), the product's own output order:
+        # XLA:CPU copies no transposed scores or probabilities.
         query = query.reshape(batch, seq, num_kv_heads, group_size, head_dim)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", query, key).astype(jnp.float32)
+        scores = jnp.einsum("bqgrd,bkgd->bgqrk", query, key).astype(jnp.float32)
         scores = scores * config.query_pre_attn_scalar**-0.5
         scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1).astype(value.dtype)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs, value)
+        out = jnp.einsum("bgqrk,bkgd->bqgrd", probs, value)
         return self.o_proj(out.reshape(batch, seq, num_heads * head_dim))
 
 
@@ -457,8 +459,8 @@ class Gemma3Model(nnx.Module):
             FULL_ATTENTION: causal,
             SLIDING_ATTENTION: causal & (query_index - key_index < config.sliding_window),
         }
-        # Scores are (batch, kv_heads, group, query, key).
-        masks = {kind: mask[None, None, None] for kind, mask in masks.items()}
+        # Scores are (batch, kv_heads, query, group, key).
+        masks = {kind: mask[None, None, :, None] for kind, mask in masks.items()}
         if attention_mask is not None:
             keys = attention_mask.astype(bool)[:, None, None, None, :]
             masks = {kind: mask & keys for kind, mask in masks.items()}

@@ -397,13 +397,15 @@ class LlamaAttention(nn.Module):
 
         # Query head h reads key/value head h // group_size (Hugging Face's
         # repeat_kv); grouping the query heads avoids materialising the repeats.
+        # Scores are (batch, kv head, query, group, key): the product's own
+        # output order, so XLA:CPU copies no transposed scores or probabilities.
         query = query.reshape(batch, seq, num_kv_heads, group_size, head_dim)
-        scores = jnp.einsum("bqgrd,bkgd->bgrqk", query, key).astype(jnp.float32)
+        scores = jnp.einsum("bqgrd,bkgd->bgqrk", query, key).astype(jnp.float32)
         scores = scores / math.sqrt(head_dim)
-        scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)
+        scores = jnp.where(mask[:, :, :, None], scores, jnp.finfo(jnp.float32).min)
         probs = jax.nn.softmax(scores, axis=-1)
         probs = nn.Dropout(config.attention_dropout)(probs, deterministic=deterministic)
-        out = jnp.einsum("bgrqk,bkgd->bqgrd", probs.astype(config.dtype), value)
+        out = jnp.einsum("bgqrk,bkgd->bqgrd", probs.astype(config.dtype), value)
         out = out.reshape(batch, seq, num_heads * head_dim)
         return _dense(config, config.hidden_size, "o_proj", config.o_proj_bias)(out)
 
