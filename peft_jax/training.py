@@ -171,9 +171,7 @@ def make_train_step(
 
 
 def _all_finite(tree: Any) -> jax.Array:
-  # x * 0 is 0 where x is finite and NaN where it is not: one fused reduction
-  # per leaf, with no boolean array of the leaf's size written out.
-  leaves = [jnp.isfinite(jnp.sum(x * 0)) for x in jax.tree.leaves(tree)
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
             if jnp.issubdtype(x.dtype, jnp.inexact)]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
