@@ -158,11 +158,16 @@ def make_train_step(
       return loss_fn(model, config, params, inputs, labels, key)
 
     loss, grads = jax.value_and_grad(objective)(state.trainable)
-    updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    new = TrainState(state.step + 1, trainable, opt_state)
+
+    def update(state: TrainState) -> TrainState:
+      updates, opt_state = optimizer.update(grads, state.opt_state, state.trainable)
+      return TrainState(state.step + 1, optax.apply_updates(state.trainable, updates), opt_state)
+
+    # The check comes before the update, which runs only on finite gradients: a
+    # select between the new and the old state would keep the old moments alive
+    # next to the new ones (XLA copies both AdamW moments of every leaf first).
     finite = jnp.isfinite(loss) & _all_finite(grads)
-    kept = jax.tree.map(lambda n, o: jax.lax.select(finite, n, o), new, state)
+    kept = jax.lax.cond(finite, update, lambda state: state, state)
     return kept, jnp.where(finite, loss, jnp.nan)
 
   return jax.jit(step, donate_argnums=(0,))

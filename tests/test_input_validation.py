@@ -353,3 +353,30 @@ def test_train_step_keeps_the_last_good_state_on_non_finite_loss():
   with pytest.raises(training.NonFiniteLossError, match=r"non-finite at step 6 \(loss nan"):
     training.check_finite_losses([jnp.float32(1.0), loss], first_step=5)
   assert training.check_finite_losses([jnp.float32(2.0)], first_step=0) == [2.0]
+
+
+def _sqrt_loss(model, config, params, inputs, labels, key):
+  del model, config, inputs, labels, key
+  return jnp.sum(jnp.sqrt(params["w"]))  # finite at w = 0, its gradient is not
+
+
+def test_train_step_updates_adamw_in_place_and_skips_non_finite_gradients():
+  # AdamW's moments are updated in place: the step's scratch holds the
+  # gradients, not copies of the moments (they were 3x the kernel's size).
+  optimizer = optax.adamw(0.1)
+  w = jnp.ones((256, 128))
+  step = training.make_train_step(_Linear(), None, optimizer, loss_fn=_sqrt_loss)
+  state = training.init_train_state({"w": w}, optimizer)
+  args = ({}, jnp.ones((4, 256)), jnp.zeros((4, 128)), jax.random.key(0))
+  compiled = step.lower(state, *args).compile()
+  assert compiled.memory_analysis().temp_size_in_bytes < 1.5 * w.nbytes
+  state, loss = compiled(state, *args)
+  good = jax.device_get(state)
+  assert np.isfinite(float(loss)) and int(good.step) == 1
+  # A finite loss with an infinite gradient: nothing moves, the moments neither.
+  zero = training.TrainState(state.step, {"w": state.trainable["w"].at[0, 0].set(0.0)},
+                             state.opt_state)
+  held = jax.device_get(zero)
+  state, loss = compiled(zero, *args)
+  assert np.isnan(float(loss)) and int(state.step) == 1
+  jax.tree.map(np.testing.assert_array_equal, jax.device_get(state), held)

@@ -497,9 +497,12 @@ def unpack_codes(w: NF4Array) -> jax.Array:
   """
   codes = w.codes.astype(jnp.int32)
   axis = -2 if w.tiled else -1
-  pair = jnp.stack([codes >> 4, codes & 0xF], axis=axis)
   shape = list(codes.shape)
   shape[axis] *= 2
+  # A broadcast and a shift rather than a stack (a concatenate), so that XLA
+  # fuses the unpacking into its consumer instead of writing int32 codes out.
+  shifts = jnp.array([4, 0], jnp.int32).reshape((2, 1) if w.tiled else (2,))
+  pair = (jnp.expand_dims(codes, axis) >> shifts) & 0xF
   return pair.reshape(shape)
 
 
