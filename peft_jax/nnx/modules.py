@@ -36,6 +36,7 @@ from peft_jax.lora import saved as saved_lib
 from peft_jax.lora import terms
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import is_quantized, kernel_value
+from peft_jax.quant.embed import nf4_lookup
 from peft_jax.quant.matmul import nf4_matmul
 
 BUILTINS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
@@ -97,6 +98,10 @@ def _peft_attend(self, query):
   copies = getattr(self, targeting.SAVED, None)
   head = super(type(self), self).attend
   copy = dict(copies.items()).get(saved_lib.HEAD) if isinstance(copies, nnx.Dict) else None
+  table = self.embedding.get_value()
+  if copy is None and is_quantized(table):  # an NF4 table: the tied head needs every row
+    dtype = self.dtype or jnp.result_type(query.dtype, table.dtype)
+    return jnp.dot(query.astype(dtype), table.dequantize(dtype).T)
   if copy is None:
     return head(query)
   original = self.embedding.get_value()
@@ -241,8 +246,11 @@ def _bias(module):
 
 
 def _quantized_base(module, kernel, args, kwargs, impl, platform):
-  """The module's output with its NF4 kernel (never dequantized whole for Linear)."""
+  """The module's output with its NF4 kernel (never dequantized whole for Linear; an
+  Embed's lookup dequantizes only its rows)."""
   x = _input(args, kwargs)
+  if isinstance(module, nnx.Embed):
+    return nf4_lookup(kernel, x, module.dtype or kernel.dtype)
   dtype = _compute_dtype(module, x, kernel)
   x = x.astype(dtype)
   bias = _bias(module)
