@@ -36,7 +36,7 @@ from peft_jax.lora import saved as saved_lib
 from peft_jax.lora import terms
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import is_quantized, kernel_value
-from peft_jax.quant.embed import nf4_lookup
+from peft_jax.quant.embed import nf4_attend, nf4_lookup
 from peft_jax.quant.matmul import nf4_matmul
 
 BUILTINS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
@@ -100,8 +100,7 @@ def _peft_attend(self, query):
   copy = dict(copies.items()).get(saved_lib.HEAD) if isinstance(copies, nnx.Dict) else None
   table = self.embedding.get_value()
   if copy is None and is_quantized(table):  # an NF4 table: the tied head needs every row
-    dtype = self.dtype or jnp.result_type(query.dtype, table.dtype)
-    return jnp.dot(query.astype(dtype), table.dequantize(dtype).T)
+    return nf4_attend(query, table, self.dtype)
   if copy is None:
     return head(query)
   original = self.embedding.get_value()
