@@ -31,6 +31,22 @@ model's block and keeps the others. Usage::
     python benchmarks/bench_methods.py --model gemma3-270m  # Gemma 3 270M
     python benchmarks/bench_methods.py --model all
     python benchmarks/bench_methods.py --quick    # tiny model (gemma3-tiny for Gemma), writes nothing
+
+One method per process (Gemma 3 270M: each step compiles for minutes and
+holds GBs, so a process holding every method does not fit a shared
+machine): ``--one M`` loads the model, runs M alone for two steps (its peak
+RSS is read then), builds ``--reference`` (default lora) in the same
+process and times the remaining steps interleaved, and writes a part under
+``runs/bench_methods/<model>/``; ``--merge`` assembles the parts into the
+model's block (step times as ratios to the reference in the same process,
+and to full FT through full FT's own ratio to the reference)::
+
+    python benchmarks/bench_methods.py --model gemma3-270m --one lora --reference '' --steps 4
+    python benchmarks/bench_methods.py --model gemma3-270m --one full --steps 4   # ref lora
+    python benchmarks/bench_methods.py --model gemma3-270m --one qlora-nf4emb --steps 4
+    python benchmarks/bench_methods.py --model gemma3-270m --merge
+
+``qlora-nf4emb`` is QLoRA with the token embedding in NF4 too (``--nf4-embedding``).
 """
 
 from __future__ import annotations
@@ -414,9 +430,11 @@ def per_process_text(block: dict) -> str:
            "depend on load. Ratios in brackets are over full fine-tuning.")
   if base is not None:
     intro += f" Held-out loss of the base model before training: {base:.3f}."
+  missing = [m for m in METHODS if m not in block["peak_rss"]]
+  tail = f" Not measured in this block: {', '.join(missing)}." if missing else ""
   return "\n".join([intro, "", C.markdown_table(header, body), "",
                     f"Loading the model and tokens alone peaks at {C.mib(floor)} (largest over "
-                    "the processes).", "", "Machine: " + C.machine_line(block["machine"])])
+                    "the processes)." + tail, "", "Machine: " + C.machine_line(block["machine"])])
 
 
 def main(argv=None) -> None:

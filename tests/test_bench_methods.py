@@ -135,6 +135,7 @@ def test_merge_assembles_one_process_per_method_with_ratios_chained_through_lora
   assert rows["qlora-nf4emb"]["time_vs_full"] == 1.25 / 2.0
   text = block["text"]
   assert "| qlora + NF4 embedding |" in text and "| 0.62x |" in text and "1,024 (0.25x)" in text
+  assert "Not measured in this block: dora, qlora, loraplus, galore, lisa, adalora." in text
   assert "kept" in stem.with_suffix(".md").read_text()
   C.write_json(parts / "dora.json", _part("dora", 1.0, 1.0, steps=6))  # another schedule
   with pytest.raises(SystemExit, match="differ in steps"):
