@@ -244,7 +244,7 @@ def write_block(stem: pathlib.Path, name: str, block: dict) -> None:
   md_path.write_text(text)
 
 
-# ----------------------------------------------------------------------------- one method per process
+# ----------------------------------------------------------------------------- one per process
 # Gemma 3 270M's steps compile for minutes and hold GBs each: one method per fresh process
 # (``--one M``), its step times against a reference method interleaved in the same process,
 # and ``--merge`` to assemble the block from the parts.
@@ -324,8 +324,9 @@ def measure_one(args, name: str, key: str, reference: str | None) -> dict:
   row = compare_lib._measure(runner, model, tokens, args.batch, args.seq_len,  # pylint: disable=protected-access
                              args.eval_batches, hp.seed)
   timed = runner.seconds[SOLO_STEPS:]
-  row.update(median_step_s=statistics.median(timed), min_step_s=min(timed),
-             max_step_s=max(timed), tokens_per_s=args.batch * args.seq_len / statistics.median(timed),
+  median = statistics.median(timed)
+  row.update(median_step_s=median, min_step_s=min(timed), max_step_s=max(timed),
+             tokens_per_s=args.batch * args.seq_len / median,
              label=VARIANTS.get(key, (key, {}, key))[2])
   part = {"key": key, "model": model.name, "steps": steps, "solo_steps": SOLO_STEPS,
           "batch": args.batch, "seq_len": args.seq_len,
@@ -423,8 +424,9 @@ def per_process_text(block: dict) -> str:
            f"first {block['solo_steps']} alone (peak RSS is read then: load, build, compile, "
            f"{block['solo_steps']} steps of that method only), then {ref} is built in the same "
            f"process and the remaining {block['steps'] - block['solo_steps']} steps run "
-           f"interleaved ({'{'}method{'}'} {ref} ...); only those are timed. Step time / {ref} is "
-           f"the median of the per-step ratios; / full FT divides it by full FT's own ratio to "
+           f"interleaved (M, {ref}, M, {ref}, ...); only those are timed ({ref}'s own row: "
+           f"its steps after the first {block['solo_steps']}, alone). Step time / {ref} is the "
+           f"median of the per-step ratios; / full FT divides it by full FT's own ratio to "
            f"{ref}. Raw step times are noisy (load average from the start to the end of each "
            "process in the last column); memory plans, checkpoint sizes and losses do not "
            "depend on load. Ratios in brackets are over full fine-tuning.")
