@@ -31,6 +31,22 @@ model's block and keeps the others. Usage::
     python benchmarks/bench_methods.py --model gemma3-270m  # Gemma 3 270M
     python benchmarks/bench_methods.py --model all
     python benchmarks/bench_methods.py --quick    # tiny model (gemma3-tiny for Gemma), writes nothing
+
+One method per process (Gemma 3 270M: each step compiles for minutes and
+holds GBs, so a process holding every method does not fit a shared
+machine): ``--one M`` loads the model, runs M alone for two steps (its peak
+RSS is read then), builds ``--reference`` (default lora) in the same
+process and times the remaining steps interleaved, and writes a part under
+``runs/bench_methods/<model>/``; ``--merge`` assembles the parts into the
+model's block (step times as ratios to the reference in the same process,
+and to full FT through full FT's own ratio to the reference)::
+
+    python benchmarks/bench_methods.py --model gemma3-270m --one lora --reference '' --steps 4
+    python benchmarks/bench_methods.py --model gemma3-270m --one full --steps 4   # ref lora
+    python benchmarks/bench_methods.py --model gemma3-270m --one qlora-nf4emb --steps 4
+    python benchmarks/bench_methods.py --model gemma3-270m --merge
+
+``qlora-nf4emb`` is QLoRA with the token embedding in NF4 too (``--nf4-embedding``).
 """
 
 from __future__ import annotations
@@ -39,7 +55,9 @@ import argparse
 import dataclasses
 import json
 import pathlib
+import statistics
 import sys
+import time
 
 import jax
 
@@ -53,6 +71,7 @@ from peft_jax.models import LlamaConfig, init_params  # noqa: E402
 
 METHODS = ("full", "lora", "dora", "qlora", "loraplus", "galore", "lisa", "adalora")
 # --model -> (label of its block, the model --quick runs instead)
+SOLO_STEPS = 2  # --one: steps a method runs alone before its reference joins
 MODELS = {"smollm2": ("SmolLM2-135M", "tiny"), "gemma3-270m": ("Gemma 3 270M", "gemma3-tiny")}
 
 
@@ -225,6 +244,201 @@ def write_block(stem: pathlib.Path, name: str, block: dict) -> None:
   md_path.write_text(text)
 
 
+# ----------------------------------------------------------------------------- one per process
+# Gemma 3 270M's steps compile for minutes and hold GBs each: one method per fresh process
+# (``--one M``), its step times against a reference method interleaved in the same process,
+# and ``--merge`` to assemble the block from the parts.
+
+# Rows that are a method with a CLI option: key -> (method, Hyperparameters fields, label).
+VARIANTS = {"qlora-nf4emb": ("qlora", {"nf4_embedding": True}, "qlora + NF4 embedding")}
+ONE_METHODS = (*METHODS, *VARIANTS)
+
+
+def parts_dir(args, name: str) -> pathlib.Path:
+  """Where ``--one`` writes its part and ``--merge`` reads them (default ``runs/``, not kept)."""
+  root = (pathlib.Path(args.parts) if args.parts
+          else pathlib.Path(__file__).resolve().parents[1] / "runs" / "bench_methods")
+  return root / name
+
+
+def _solo_runner(key: str, hp: ft.Hyperparameters, model, sample):
+  method, fields, _ = VARIANTS.get(key, (key, {}, key))
+  runner = compare_lib._runner(method, dataclasses.replace(hp, **fields), model,  # pylint: disable=protected-access
+                               sample, "float32")
+  runner.name = key
+  return runner
+
+
+def _step(runner, batch, key, i) -> None:
+  t0 = time.perf_counter()
+  runner.state, loss = runner.compiled(runner.state, runner.setup.base, *batch,
+                                       jax.random.fold_in(key, i))
+  runner.losses.append(float(loss))
+  runner.seconds.append(time.perf_counter() - t0)
+
+
+def measure_one(args, name: str, key: str, reference: str | None) -> dict:
+  """One method in this process: load, build, compile, ``SOLO_STEPS`` steps alone (its peak
+  RSS then is the method's), then ``reference`` built and run on the same batches, then the
+  remaining steps interleaved (M R M R ...): only those are timed.
+
+  Returns:
+    The part: the method's row (``compare_methods``' fields; its step times are
+    the interleaved ones), the reference's interleaved times and their per-step
+    ratios, peak RSS after load and after the solo steps, load averages.
+  """
+  steps = 3 if args.quick else args.steps
+  if steps <= SOLO_STEPS:
+    raise SystemExit(f"bench_methods --one: --steps must be > {SOLO_STEPS}, got {steps}.")
+  load_start = C.machine_info()["load_average_1_5_15"]
+  model = load(run_model(name, args.quick))
+  tokens = ft.load_tokens(model, None)
+  rss_load = C.peak_rss_self()
+  hp = dataclasses.replace(hyperparameters(steps), steps=steps)
+  base_loss = None
+  if key == "lora":  # the base model's held-out loss, once (in the reference's own process)
+    base_loss = ft.evaluate(model, ft.MethodSetup(None, model.params, {}, None, None),
+                            model.params, tokens, batch=args.batch, seq_len=args.seq_len,
+                            num_batches=args.eval_batches, seed=0)
+  train = ft.model_batches(model, tokens, args.batch, args.seq_len, seed=hp.seed + 1,
+                           split="train")
+  batches = [next(train) for _ in range(steps)]  # compare_methods' batches and keys
+  rng = jax.random.fold_in(jax.random.key(hp.seed), 2)
+  runner = _solo_runner(key, hp, model, batches[0])
+  print(f"  compiled {key} in {runner.compile_s:.1f}s", flush=True)
+  for i in range(SOLO_STEPS):
+    _step(runner, batches[i], rng, i)
+  rss_method = C.peak_rss_self()
+  print(f"  {key}: peak RSS {C.mib(rss_method)} after {SOLO_STEPS} steps", flush=True)
+  ref = None
+  if reference:
+    ref = _solo_runner(reference, hp, model, batches[0])
+    print(f"  compiled reference {reference} in {ref.compile_s:.1f}s", flush=True)
+    for i in range(SOLO_STEPS):
+      _step(ref, batches[i], rng, i)
+  for i in range(SOLO_STEPS, steps):
+    for r in (runner, ref) if ref else (runner,):
+      _step(r, batches[i], rng, i)
+    print(f"  step {i + 1}/{steps}: {key} {runner.seconds[-1]:.1f}s"
+          + (f", {reference} {ref.seconds[-1]:.1f}s" if ref else ""), flush=True)
+  row = compare_lib._measure(runner, model, tokens, args.batch, args.seq_len,  # pylint: disable=protected-access
+                             args.eval_batches, hp.seed)
+  timed = runner.seconds[SOLO_STEPS:]
+  median = statistics.median(timed)
+  row.update(median_step_s=median, min_step_s=min(timed), max_step_s=max(timed),
+             tokens_per_s=args.batch * args.seq_len / median,
+             label=VARIANTS.get(key, (key, {}, key))[2])
+  part = {"key": key, "model": model.name, "steps": steps, "solo_steps": SOLO_STEPS,
+          "batch": args.batch, "seq_len": args.seq_len,
+          "hyperparameters": dataclasses.asdict(hp), "row": row, "eval_loss_base": base_loss,
+          "peak_rss": {"method": key, "rss_after_load_bytes": rss_load,
+                       "peak_rss_bytes": rss_method},
+          "load_average_start": load_start, "machine": C.machine_info()}
+  if ref:
+    ref_timed = ref.seconds[SOLO_STEPS:]
+    part["reference"] = {
+        "method": reference, "median_step_s": statistics.median(ref_timed),
+        "raw_step_s": ref.seconds, "train_losses": ref.losses,
+        "step_ratios": [a / b for a, b in zip(timed, ref_timed)],
+        "ratio": statistics.median(a / b for a, b in zip(timed, ref_timed))}
+  return part
+
+
+def merge_parts(args, name: str) -> dict:
+  """``--merge``: the block of ``name`` from the ``--one`` parts in :func:`parts_dir`.
+
+  Step-time ratios to full FT are chained through the reference: ``(M / R) / (full / R)``,
+  each measured in its own process (the reference's own row: 1 / (full / R)).
+  """
+  folder = parts_dir(args, name)
+  parts = {p.stem: json.loads(p.read_text()) for p in sorted(folder.glob("*.json"))}
+  if not parts:
+    raise SystemExit(f"bench_methods --merge: no parts in {folder}; run --one first.")
+  order = [k for k in ONE_METHODS if k in parts]
+  first = parts[order[0]]
+  shape = {(p["steps"], p["batch"], p["seq_len"]) for p in parts.values()}
+  if len(shape) > 1:
+    raise SystemExit(f"bench_methods --merge: the parts in {folder} differ in steps, batch or "
+                     f"seq_len: {sorted(shape)}.")
+  refs = {p["reference"]["method"] for p in parts.values() if "reference" in p}
+  if len(refs) > 1:
+    raise SystemExit(f"bench_methods --merge: parts use different references {sorted(refs)}.")
+  reference = next(iter(refs), None)
+  full = parts.get("full", {}).get("reference", {}).get("ratio")
+  rows = []
+  for key in order:
+    part = parts[key]
+    row = dict(part["row"])
+    ratio = part.get("reference", {}).get("ratio") if key != reference else 1.0
+    row["time_vs_reference"] = ratio
+    row["time_vs_full"] = (ratio / full if ratio is not None and full else None)
+    row["load_average"] = [part["load_average_start"][0],
+                           part["machine"]["load_average_1_5_15"][0]]
+    rows.append(row)
+  block = {"machine": first["machine"], "model": first["model"], "steps": first["steps"],
+           "solo_steps": first["solo_steps"], "batch": first["batch"],
+           "seq_len": first["seq_len"], "reference": reference,
+           "eval_loss_base": None, "one_method_per_process": True,
+           "hyperparameters": first["hyperparameters"], "rows": rows,
+           "peak_rss": {k: parts[k]["peak_rss"] for k in order}}
+  base = [p.get("eval_loss_base") for p in parts.values() if p.get("eval_loss_base") is not None]
+  block["eval_loss_base"] = base[0] if base else None
+  return {**block, "text": per_process_text(block)}
+
+
+def per_process_text(block: dict) -> str:
+  """The markdown of a ``--merge`` block: one row per fresh process."""
+  full = next((r for r in block["rows"] if r["method"] == "full"), None)
+
+  def vs_full(row, key, fmt):
+    value = row[key] if not callable(key) else key(row)
+    base = (full[key] if not callable(key) else key(full)) if full else None
+    return fmt(value) + (f" ({value / base:.2f}x)" if base and value is not None else "")
+
+  mem = lambda r: r["step_memory"]["step_bytes"] if r.get("step_memory") else None  # noqa: E731
+  body = []
+  for row in block["rows"]:
+    key = row["method"]
+    rss_b = block["peak_rss"][key]["peak_rss_bytes"]
+    full_rss = block["peak_rss"]["full"]["peak_rss_bytes"] if "full" in block["peak_rss"] else None
+    body.append([
+        row.get("label", key),
+        vs_full(row, "trainable_params", lambda v: f"{v:,}"),
+        vs_full(row, mem, lambda v: "n/a" if v is None else f"{v / 2**20:.0f}"),
+        f"{row['median_step_s'] * 1e3:,.0f}",
+        "n/a" if row["time_vs_reference"] is None else f"{row['time_vs_reference']:.2f}x",
+        "n/a" if row["time_vs_full"] is None else f"{row['time_vs_full']:.2f}x",
+        vs_full(row, "checkpoint_bytes", lambda v: f"{v / 2**20:.2f}"),
+        vs_full(row, "eval_loss_after", lambda v: f"{v:.3f}"),
+        f"{rss_b / 2**20:,.0f}" + (f" ({rss_b / full_rss:.2f}x)" if full_rss else ""),
+        "{:.1f}-{:.1f}".format(*row["load_average"]),
+    ])
+  ref = block["reference"]
+  header = ["Method", "Trainable params", "Step memory (MiB)", "Step time (ms)",
+            f"Step time / {ref} (same process)", "Step time / full FT (via " + f"{ref})",
+            "Checkpoint (MiB)", "Held-out loss", "Peak RSS (MiB, own process)", "Load average"]
+  floor = max(p["rss_after_load_bytes"] for p in block["peak_rss"].values())
+  base = block.get("eval_loss_base")
+  intro = (f"Model: {block['model']}; one fresh process per row; {block['steps']} steps of "
+           f"{block['batch']} x {block['seq_len']} tokens (`<bos>` windows, donated step): the "
+           f"first {block['solo_steps']} alone (peak RSS is read then: load, build, compile, "
+           f"{block['solo_steps']} steps of that method only), then {ref} is built in the same "
+           f"process and the remaining {block['steps'] - block['solo_steps']} steps run "
+           f"interleaved (M, {ref}, M, {ref}, ...); only those are timed ({ref}'s own row: "
+           f"its steps after the first {block['solo_steps']}, alone). Step time / {ref} is the "
+           f"median of the per-step ratios; / full FT divides it by full FT's own ratio to "
+           f"{ref}. Raw step times are noisy (load average from the start to the end of each "
+           "process in the last column); memory plans, checkpoint sizes and losses do not "
+           "depend on load. Ratios in brackets are over full fine-tuning.")
+  if base is not None:
+    intro += f" Held-out loss of the base model before training: {base:.3f}."
+  missing = [m for m in METHODS if m not in block["peak_rss"]]
+  tail = f" Not measured in this block: {', '.join(missing)}." if missing else ""
+  return "\n".join([intro, "", C.markdown_table(header, body), "",
+                    f"Loading the model and tokens alone peaks at {C.mib(floor)} (largest over "
+                    "the processes)." + tail, "", "Machine: " + C.machine_line(block["machine"])])
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
   parser.add_argument("--model", default="smollm2", choices=[*MODELS, "all"],
@@ -239,6 +453,14 @@ def main(argv=None) -> None:
   parser.add_argument("--no-rss", action="store_true")
   parser.add_argument("--rss-only", action="store_true",
                       help="only the peak RSS children, added to the model's stored block")
+  parser.add_argument("--one", default=None, choices=ONE_METHODS,
+                      help="one method in this process (timed against --reference), written "
+                           "as a part to --parts; --merge assembles the block")
+  parser.add_argument("--reference", default="lora",
+                      help="--one: the method timed in the same process ('' for none)")
+  parser.add_argument("--parts", default=None, help="--one/--merge folder (default runs/)")
+  parser.add_argument("--merge", action="store_true",
+                      help="assemble the model's block from its --one parts and write it")
   parser.add_argument("--child", default=None, help=argparse.SUPPRESS)
   parser.add_argument("--out", default=None, help="results stem (default results/methods)")
   args = parser.parse_args(argv)
@@ -246,6 +468,19 @@ def main(argv=None) -> None:
     child(args)
     return
   stem = pathlib.Path(args.out) if args.out else C.RESULTS / "methods"
+  if args.one or args.merge:
+    if args.model == "all":
+      raise SystemExit("bench_methods: --one and --merge take one --model.")
+    if args.one:
+      reference = args.reference if args.reference != args.one else None
+      part = measure_one(args, args.model, args.one, reference)
+      C.write_json(parts_dir(args, args.model) / f"{args.one}.json", part)
+      print(json.dumps({k: part[k] for k in ("key", "peak_rss")}), flush=True)
+      return
+    block = merge_parts(args, args.model)
+    print(f"\n## {MODELS[args.model][0]}\n\n{block['text']}", flush=True)
+    write_block(stem, args.model, block)
+    return
   for name in (list(MODELS) if args.model == "all" else [args.model]):
     block = add_rss(args, name, stem) if args.rss_only else measure(args, name)
     print(f"\n## {MODELS[name][0]}\n\n{block['text']}", flush=True)

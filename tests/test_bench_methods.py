@@ -102,3 +102,52 @@ def test_rss_only_adds_the_children_to_the_stored_block(tmp_path, monkeypatch):
   assert stored["rows"] == rows and stored["peak_rss"]["full"]["peak_rss_bytes"] == 3 * 2**30
   assert "| lora | 2048.0 MiB | 0.67x |" in stored["text"] and "in their own run" in stored["text"]
   assert "no rss yet" not in stem.with_suffix(".md").read_text()
+
+
+def _part(key, seconds, ref_seconds=None, rss=2**30, steps=4):
+  row = {"method": key, "trainable_params": {"full": 8}.get(key, 2),
+         "step_memory": {"step_bytes": 2**20 * (8 if key == "full" else 2)},
+         "median_step_s": seconds, "tokens_per_s": 1.0, "checkpoint_bytes": 2**20,
+         "eval_loss_after": 3.0, "label": bench_methods.VARIANTS.get(key, (0, 0, key))[2]}
+  part = {"key": key, "model": "gemma3-270m", "steps": steps, "solo_steps": 2, "batch": 4,
+          "seq_len": 64, "hyperparameters": {}, "row": row, "eval_loss_base": None,
+          "peak_rss": {"method": key, "rss_after_load_bytes": 2**29, "peak_rss_bytes": rss},
+          "load_average_start": [5.0, 5.0, 5.0], "machine": C.machine_info()}
+  if ref_seconds is not None:
+    part["reference"] = {"method": "lora", "ratio": seconds / ref_seconds}
+  return part
+
+
+def test_merge_assembles_one_process_per_method_with_ratios_chained_through_lora(tmp_path):
+  """``--one`` parts -> one block: time / full = (M / lora) / (full / lora), RSS per process."""
+  parts = tmp_path / "parts" / "gemma3-270m"
+  for key, part in {"lora": _part("lora", 9.0), "full": _part("full", 6.0, 3.0, rss=4 * 2**30),
+                    "qlora-nf4emb": _part("qlora-nf4emb", 5.0, 4.0)}.items():
+    C.write_json(parts / f"{key}.json", part)
+  stem = tmp_path / "methods"
+  stem.with_suffix(".json").write_text(json.dumps({"models": {"smollm2": {"text": "kept"}}}))
+  bench_methods.main(["--model", "gemma3-270m", "--merge", "--parts", str(tmp_path / "parts"),
+                      "--out", str(stem)])
+  block = json.loads(stem.with_suffix(".json").read_text())["models"]["gemma3-270m"]
+  rows = {r["method"]: r for r in block["rows"]}
+  assert [r["method"] for r in block["rows"]] == ["full", "lora", "qlora-nf4emb"]
+  assert rows["full"]["time_vs_full"] == 1.0 and rows["lora"]["time_vs_full"] == 0.5
+  assert rows["qlora-nf4emb"]["time_vs_full"] == 1.25 / 2.0
+  text = block["text"]
+  assert "| qlora + NF4 embedding |" in text and "| 0.62x |" in text and "1,024 (0.25x)" in text
+  assert "Not measured in this block: dora, qlora, loraplus, galore, lisa, adalora." in text
+  assert "kept" in stem.with_suffix(".md").read_text()
+  C.write_json(parts / "dora.json", _part("dora", 1.0, 1.0, steps=6))  # another schedule
+  with pytest.raises(SystemExit, match="differ in steps"):
+    bench_methods.main(["--model", "gemma3-270m", "--merge", "--parts", str(tmp_path / "parts"),
+                        "--out", str(stem)])
+
+
+@pytest.mark.slow  # two train-step compiles (the method and its lora reference)
+def test_one_writes_a_part_with_the_reference_in_the_same_process(tmp_path):
+  bench_methods.main(["--model", "gemma3-270m", "--quick", "--one", "qlora-nf4emb", "--parts",
+                      str(tmp_path), "--batch", "2", "--seq-len", "16", "--eval-batches", "1"])
+  part = json.loads((tmp_path / "gemma3-270m" / "qlora-nf4emb.json").read_text())
+  assert part["row"]["method"] == "qlora-nf4emb" and len(part["row"]["train_losses"]) == 3
+  assert part["reference"]["method"] == "lora" and len(part["reference"]["step_ratios"]) == 1
+  assert part["peak_rss"]["peak_rss_bytes"] >= part["peak_rss"]["rss_after_load_bytes"] > 0

@@ -60,6 +60,7 @@ def no_training(monkeypatch):
     (["--data", "/no/such/file.txt"], "No text file"),
     (["--method", "lisa", "--lisa-layers", "9"], "n_layers=9 exceeds the 4 layers"),
     (["--resume"], "holds no resume.npz"),
+    (["--nf4-embedding"], "--nf4-embedding needs --method qlora; lora would ignore it"),
 ])
 def test_finetune_user_errors_before_training(capsys, tmp_path, no_training, extra, message):
   err = _error(capsys, [*TINY, "--output", str(tmp_path / "run"), *extra])

@@ -23,7 +23,7 @@ from peft_jax import checkpoint
 from peft_jax.cli import finetune as ft
 from peft_jax.cli import gemma as gemma_lib
 from peft_jax.cli import resume as resume_lib
-from peft_jax.cli.main import main
+from peft_jax.cli.main import build_parser, main
 from peft_jax.models.gemma3_checkpoint import load_gemma3_hf
 
 TINY = ["--model", "gemma3-tiny", "--steps", "3", "--batch", "2", "--seq-len", "16",
@@ -88,6 +88,27 @@ def test_adapter_methods(tmp_path, method):
   assert config.use_rslora == (method == "rslora") and config.use_dora == (method == "dora")
   if method == "adalora":  # saved resized to plain LoRA with the kept ranks
     assert config.rank_pattern
+
+
+def test_qlora_nf4_embedding_runs_the_nf4_table_in_lookup_and_tied_head(model):
+  """``--nf4-embedding``: the NNX ``Embed`` looks rows up in, and the tied head reads, the NF4
+  table (frozen, in the base): the logits are those of its dequantized table."""
+  args = build_parser().parse_args(["finetune", *TINY, "--method", "qlora", "--rank", "4",
+                                    "--seed", "0", "--nf4-embedding"])
+  hp = ft.hyperparameters_from_args(args)
+  assert hp.nf4_embedding
+  setup = ft.build_method(hp, model)
+  table = setup.base["model"]["embed_tokens"]["embedding"]
+  assert isinstance(table, pj.NF4Array) and "embed_tokens" not in setup.trainable.get("model", {})
+  adapters = jax.tree.map(lambda x: x + 0.01, setup.trainable)  # B = 0 would hide the adapters
+  params = pj.combine(adapters, setup.base)
+  dense = pj.combine(adapters, setup.base)
+  dense["model"]["embed_tokens"]["embedding"] = table.dequantize(jnp.float32)
+  got, want = _logits(model, params, setup.config), _logits(model, dense, setup.config)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  # the NF4 table is not the float one, so the match above shows the NF4 table acts
+  assert np.abs(dense["model"]["embed_tokens"]["embedding"]
+                - model.params["model"]["embed_tokens"]["embedding"]).max() > 1e-3
 
 
 # Full and GaLore train the params as LISA does (same NNX path, other optimizers): slow.

@@ -8,7 +8,7 @@ import pytest
 import peft_jax as pj
 from peft_jax import training
 from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
-from peft_jax.quant.embed import nf4_lookup
+from peft_jax.quant.embed import nf4_attend, nf4_lookup
 
 
 @pytest.mark.parametrize("spec", [pj.NF4(block_size=16), pj.NF4(block_size=64, double_quant=False),
@@ -70,3 +70,21 @@ def test_qlora_with_nf4_embedding_gives_the_dequantized_tables_loss():
 
   np.testing.assert_allclose(jax.jit(loss)(adapters, base), jax.jit(loss)(adapters, dense),
                              rtol=1e-6)
+
+
+def test_tied_head_on_the_nf4_table_chunk_by_chunk_is_the_dense_product_and_its_gradient():
+  """``nf4_attend``: logits and d(query) of ``query @ dequantize(table).T``, chunked or not."""
+  params = {"embed": {"embedding": jax.random.normal(jax.random.key(0), (256, 24))},
+            "dense": {"kernel": jnp.ones((24, 64))}}
+  table = pj.quantize(params, pj.NF4(block_size=32), ("dense",),
+                      include_embeddings=True)["embed"]["embedding"]
+  dense = table.dequantize(jnp.float32)
+  query = jax.random.normal(jax.random.key(1), (2, 3, 24))
+  weights = jax.random.normal(jax.random.key(2), (2, 3, 256))
+  want = query @ dense.T
+  want_grad = jax.grad(lambda q: jnp.sum(weights * (q @ dense.T)))(query)
+  for chunk in (64, 100):  # 4 chunks; not a divisor of V: one chunk
+    got = jax.jit(lambda q: nf4_attend(q, table, jnp.float32, chunk_rows=chunk))(query)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    grad = jax.grad(lambda q: jnp.sum(weights * nf4_attend(q, table, chunk_rows=chunk)))(query)
+    np.testing.assert_allclose(grad, want_grad, rtol=1e-5, atol=1e-5)

@@ -58,7 +58,8 @@ class _Runner:
 
 def _runner(name: str, hp: ft.Hyperparameters, model: ft.LoadedModel, sample, dtype: str
             ) -> _Runner:
-  hp = dataclasses.replace(hp, method=name, lr=ft.DEFAULT_LR[name] if hp.lr is None else hp.lr)
+  hp = dataclasses.replace(hp, method=name, lr=ft.DEFAULT_LR[name] if hp.lr is None else hp.lr,
+                           nf4_embedding=hp.nf4_embedding and name == "qlora")
   hp.validate()
   setup = ft.build_method(hp, model, dtype=dtype)
   step = training.make_train_step(model.module, setup.config, setup.optimizer,

@@ -175,6 +175,8 @@ class Hyperparameters:
     modules_to_save: modules trained in full (LoRA-family methods).
     bias: ``"none"``, ``"lora_only"`` or ``"all"`` biases train (LoRA-family methods).
     ensure_weight_tying: PEFT's option for tied embeddings (LoRA-family methods).
+    nf4_embedding: QLoRA also stores the token embedding in NF4
+      (``quantize(..., include_embeddings=True)``; frozen, and a tied head reads it too).
   """
 
   method: str = "lora"
@@ -194,6 +196,7 @@ class Hyperparameters:
   modules_to_save: tuple[str, ...] | None = None
   bias: str = "none"
   ensure_weight_tying: bool = False
+  nf4_embedding: bool = False
 
   def validate(self) -> None:
     """Raises :class:`CliError` naming the first bad value (NaN and inf included)."""
@@ -223,6 +226,8 @@ class Hyperparameters:
       raise CliError(f"--modules-to-save, --bias and --ensure-weight-tying need one of "
                      f"{', '.join(SAVED_METHODS)}; "
                      f"{self.method} would ignore them.")
+    if self.nf4_embedding and self.method != "qlora":
+      raise CliError(f"--nf4-embedding needs --method qlora; {self.method} would ignore it.")
 
 
 def parse_targets(spec: str) -> Any:
@@ -271,7 +276,11 @@ def _lora_config(hp: Hyperparameters, cls=pj.LoRAConfig, **extra) -> pj.LoRAConf
 
 
 def _adapters(hp: Hyperparameters, model: LoadedModel, config, key) -> tuple[Any, Any]:
-  if hp.method == "qlora":
+  if hp.method == "qlora" and hp.nf4_embedding:  # apply_qlora with the embedding in NF4 too
+    qparams = pj.quantize(model.params, config.quant_spec(), target_modules=config.quantize_modules,
+                          include_embeddings=True)
+    adapted = pj.lora_transform(qparams, config, key=key, layouts=model.layouts)
+  elif hp.method == "qlora":
     adapted = pj.apply_qlora(model.params, config, key=key, layouts=model.layouts)
   elif hp.method == "adalora":
     adapted = pj.adalora_transform(model.params, config, key=key, layouts=model.layouts)
@@ -782,7 +791,8 @@ def hyperparameters_from_args(args) -> Hyperparameters:
       lisa_layers=args.lisa_layers, lisa_interval=args.lisa_interval, seed=args.seed,
       modules_to_save=_saved_names(getattr(args, "modules_to_save", None)),
       bias=getattr(args, "bias", "none"),
-      ensure_weight_tying=getattr(args, "ensure_weight_tying", False))
+      ensure_weight_tying=getattr(args, "ensure_weight_tying", False),
+      nf4_embedding=getattr(args, "nf4_embedding", False))
 
 
 def _saved_names(spec: str | None) -> tuple[str, ...] | None:

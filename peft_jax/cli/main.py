@@ -81,6 +81,8 @@ def _add_training_options(parser: argparse.ArgumentParser, *, steps: int, batch:
   parser.add_argument("--galore-update-gap", type=int, default=200)
   parser.add_argument("--lisa-layers", type=int, default=2)
   parser.add_argument("--lisa-interval", type=int, default=10)
+  parser.add_argument("--nf4-embedding", action="store_true",
+                      help="QLoRA: store the token embedding (and a tied head) in NF4 too")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,7 +19,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from peft_jax.lora.layout import parse_einsum
-from peft_jax.quant.embed import nf4_lookup
+from peft_jax.quant.embed import nf4_attend, nf4_lookup
 from peft_jax.quant.matmul import nf4_matmul
 from peft_jax.quant.nf4 import is_quantized
 
@@ -84,6 +84,5 @@ def quantized_embed_call(module: nn.Embed, method_name: str, args: tuple,
     return nf4_lookup(table, ids, module.dtype or table.dtype)
   if method_name == "attend":  # a tied head: every row is needed
     query = args[0] if args else kwargs["query"]
-    dtype = module.dtype or jnp.result_type(query.dtype, table.dtype)
-    return jnp.dot(query.astype(dtype), table.dequantize(dtype).T)
+    return nf4_attend(query, table, module.dtype)
   raise ValueError(f"{path!r}: nn.Embed.{method_name} is not supported on a quantized table.")

@@ -36,6 +36,7 @@ from peft_jax.lora import saved as saved_lib
 from peft_jax.lora import terms
 from peft_jax.lora.nnx_guard import PEFT_MARKER
 from peft_jax.lora.transform import is_quantized, kernel_value
+from peft_jax.quant.embed import nf4_attend, nf4_lookup
 from peft_jax.quant.matmul import nf4_matmul
 
 BUILTINS = (nnx.Linear, nnx.LinearGeneral, nnx.Einsum, nnx.Conv, nnx.Embed)
@@ -102,8 +103,10 @@ def _peft_attend(self, query):
   head = super(type(self), self).attend
   copies = dict(copies.items()) if isinstance(copies, nnx.Dict) else {}
   copy = copies.get(saved_lib.HEAD, copies.get(saved_lib.TIED))
-  if copy is None:
-    out, lora = head(query), _tied_lora(self, query)
+  table = self.embedding.get_value()
+  if copy is None:  # an NF4 table: the tied head reads it chunk by chunk, never whole
+    out = nf4_attend(query, table, self.dtype) if is_quantized(table) else head(query)
+    lora = _tied_lora(self, query)
     return out if lora is None else out + lora.astype(out.dtype)
   original = self.embedding.get_value()
   try:
@@ -265,8 +268,11 @@ def _bias(module):
 
 
 def _quantized_base(module, kernel, args, kwargs, impl, platform):
-  """The module's output with its NF4 kernel (never dequantized whole for Linear)."""
+  """The module's output with its NF4 kernel (never dequantized whole for Linear; an
+  Embed's lookup dequantizes only its rows)."""
   x = _input(args, kwargs)
+  if isinstance(module, nnx.Embed):
+    return nf4_lookup(kernel, x, module.dtype or kernel.dtype)
   dtype = _compute_dtype(module, x, kernel)
   x = x.astype(dtype)
   bias = _bias(module)
