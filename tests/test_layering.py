@@ -11,10 +11,11 @@ PACKAGE = pathlib.Path(peft_jax.__file__).parent
 # package belongs to the layer named by its first component under peft_jax/.
 # ``targeting`` (paths) and ``validation`` (checks of user-given values) are
 # the bottom: every layer may import them.
-_BOTTOM = {"targeting", "validation"}
+_BOTTOM = {"targeting", "validation", "_lapack"}
 ALLOWED = {
     "targeting": set(),
     "validation": set(),
+    "_lapack": set(),
     "data": set(),
     "quant": _BOTTOM,
     "lora": _BOTTOM | {"quant"},
