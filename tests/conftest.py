@@ -92,6 +92,11 @@ SLOW_IN_DEFAULT_RUN = {
     "tests/test_lisa_grad.py::test_active_gradients_equal_full_gradients_at_active_slots[False-stacked]",
     # the 8-device subprocess suite (tests/test_sharding_mesh.py, slow) covers this at scale
     "tests/test_sharding.py::test_lora_step_under_sharding_matches_single_device",
+    # fourth pass (852 default tests, 855 s on a fresh clone): the heaviest second checks
+    "tests/test_qlora.py::test_qlora_matches_lora_on_dequantized_base[unrolled-True]",  # [False] stays
+    "tests/test_qlora.py::test_qlora_step_does_not_keep_the_dequantized_weights",  # 30-layer plan
+    "tests/test_merging.py::test_combine_adapters_matches_peft_add_weighted_adapter",  # oracles stay
+    "tests/test_cli.py::test_adapter_that_does_not_fit_the_model",  # import_peft's own tests stay
 }
 
 
