@@ -68,6 +68,26 @@ def test_dora_magnitude_init_matches_peft():
   np.testing.assert_allclose(params["proj"]["lora_magnitude"], ref["m_init"], rtol=1e-6)
 
 
+def test_dora_train_step_selects_no_state_leaf():
+  """The step's finite check is a ``lax.cond``, not a select between the new and the old
+  value of every state leaf: with those selects Gemma 3 270M's DoRA process peaked at
+  7.4 GiB against 3.5 GiB (README, "DoRA's peak RSS"). Lowered only, nothing compiles."""
+  import optax  # pylint: disable=import-outside-toplevel
+  from peft_jax import training  # pylint: disable=import-outside-toplevel
+  from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params  # pylint: disable=import-outside-toplevel
+  config = LlamaConfig.tiny()
+  dora = pj.DoRAConfig(rank=4, target_modules="all-linear")
+  adapters, base = pj.split(pj.lora_transform(init_params(config, jax.random.key(0)), dora,
+                                              key=jax.random.key(1)))
+  optimizer = optax.adamw(1e-2)
+  state = training.init_train_state(adapters, optimizer)
+  ids = jnp.zeros((2, 8), jnp.int32)
+  text = training.make_train_step(LlamaForCausalLM(config), dora, optimizer).lower(
+      state, base, ids, ids, jax.random.key(0)).as_text()
+  assert "lora_magnitude" in str(jax.tree_util.tree_structure(state))
+  assert text.count("stablehlo.select") < len(jax.tree.leaves(state)), text.count("select")
+
+
 @pytest.mark.parametrize("case", ["pissa", "olora"])
 def test_pissa_olora_match_peft(case):
   ref = REF[case]
