@@ -135,13 +135,14 @@ for name, shape in (("codes", (V // 2, D)), ("absmax", (V // 64, D))):
   assert leaf.sharding.spec == P("tp", "fsdp"), (name, leaf.sharding.spec)
   assert leaf.addressable_shards[0].data.shape == (shape[0] // 2, shape[1] // 2), name
 assert table.nested_absmax.sharding.is_fully_replicated
-hlo = step.lower(state, placed, ids, labels, jax.random.key(0)).compile().as_text()
+compiled = step.lower(state, placed, ids, labels, jax.random.key(0)).compile()
+hlo = compiled.as_text()
 shapes = {(t, int(a), int(b)) for t, a, b in re.findall(r"\\b(f32|bf16|u8)\\[(\\d+),(\\d+)\\]", hlo)}
 assert ("u8", V // 4, D // 2) in shapes  # each device's own codes
 for dtype, a, b in shapes:  # no float rows beyond one chunk; the codes are never gathered
   assert dtype == "u8" or not (a in (V, V // 2, V // 4) and b in (D, D // 2)), (dtype, a, b)
   assert dtype != "u8" or (a, b) not in ((V // 2, D), (V // 2, D // 2), (V // 4, D)), (a, b)
-state, loss = step(state, placed, ids, labels, jax.random.key(0))
+state, loss = compiled(state, placed, ids, labels, jax.random.key(0))
 np.testing.assert_allclose(loss, loss1, rtol=1e-5)
 for got, want, start in zip(jax.tree.leaves(jax.device_get(state.trainable)),
                             jax.tree.leaves(state1.trainable), jax.tree.leaves(start)):
