@@ -12,9 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import peft_jax as pj
+from peft_jax import training
+from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
 
 REF = json.loads((pathlib.Path(__file__).parent / "data" / "peft_lora_reference.json").read_text())
 A64 = lambda x: np.asarray(x, np.float64)
@@ -72,9 +75,6 @@ def test_dora_train_step_selects_no_state_leaf():
   """The step's finite check is a ``lax.cond``, not a select between the new and the old
   value of every state leaf: with those selects Gemma 3 270M's DoRA process peaked at
   7.4 GiB against 3.5 GiB (README, "DoRA's peak RSS"). Lowered only, nothing compiles."""
-  import optax  # pylint: disable=import-outside-toplevel
-  from peft_jax import training  # pylint: disable=import-outside-toplevel
-  from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params  # pylint: disable=import-outside-toplevel
   config = LlamaConfig.tiny()
   dora = pj.DoRAConfig(rank=4, target_modules="all-linear")
   adapters, base = pj.split(pj.lora_transform(init_params(config, jax.random.key(0)), dora,
