@@ -12,9 +12,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 import peft_jax as pj
+from peft_jax import training
+from peft_jax.models import LlamaConfig, LlamaForCausalLM, init_params
 
 REF = json.loads((pathlib.Path(__file__).parent / "data" / "peft_lora_reference.json").read_text())
 A64 = lambda x: np.asarray(x, np.float64)
@@ -66,6 +69,23 @@ def test_dora_magnitude_init_matches_peft():
   params = {"proj": {"kernel": jnp.asarray(A64(ref["W"]).T, jnp.float32)}}
   params = pj.lora_transform(params, config, key=jax.random.key(0))
   np.testing.assert_allclose(params["proj"]["lora_magnitude"], ref["m_init"], rtol=1e-6)
+
+
+def test_dora_train_step_selects_no_state_leaf():
+  """The step's finite check is a ``lax.cond``, not a select between the new and the old
+  value of every state leaf: with those selects Gemma 3 270M's DoRA process peaked at
+  7.4 GiB against 3.5 GiB (README, "DoRA's peak RSS"). Lowered only, nothing compiles."""
+  config = LlamaConfig.tiny()
+  dora = pj.DoRAConfig(rank=4, target_modules="all-linear")
+  adapters, base = pj.split(pj.lora_transform(init_params(config, jax.random.key(0)), dora,
+                                              key=jax.random.key(1)))
+  optimizer = optax.adamw(1e-2)
+  state = training.init_train_state(adapters, optimizer)
+  ids = jnp.zeros((2, 8), jnp.int32)
+  text = training.make_train_step(LlamaForCausalLM(config), dora, optimizer).lower(
+      state, base, ids, ids, jax.random.key(0)).as_text()
+  assert "lora_magnitude" in str(jax.tree_util.tree_structure(state))
+  assert text.count("stablehlo.select") < len(jax.tree.leaves(state)), text.count("select")
 
 
 @pytest.mark.parametrize("case", ["pissa", "olora"])
