@@ -103,6 +103,10 @@ def test_llama_peft_file_gives_peft_logits(tmp_path, llama, case, saved, targets
     assert dict(config.alpha_pattern) == {"lm_head": 32}
     with pytest.raises(ValueError, match=r"scales its LoRA by 2 and the tied head 'lm_head' by 8"):
       pj.merge(full, config)
+    # A file giving the tied head a rank of its own (PEFT: alpha over a rank A, B lack).
+    edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "rank_pattern": {"lm_head": 2}})
+    with pytest.raises(ValueError, match="tied head 'lm_head' gets rank 2 but shares the rank-4"):
+      import_peft(tmp_path)
     return
   # merge: the one table holds the copy (or E + s A B); the plain model gives PEFT's logits.
   _assert_reference(model.apply({"params": pj.merge(full, config)}, *_args()), case)
