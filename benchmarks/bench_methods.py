@@ -268,8 +268,9 @@ def source_commit() -> str | None:
   git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
                                   timeout=30, check=True).stdout.strip()
   try:
-    return git("rev-parse", "--short", "HEAD") + ("+" if git("status", "--porcelain",
-                                                               "--untracked-files=no") else "")
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                ":!benchmarks/results")  # results written by --merge are not code
+    return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
   except (OSError, subprocess.SubprocessError):
     return None
 
