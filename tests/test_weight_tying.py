@@ -107,6 +107,14 @@ def test_llama_peft_file_gives_peft_logits(tmp_path, llama, case, saved, targets
     edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "rank_pattern": {"lm_head": 2}})
     with pytest.raises(ValueError, match="tied head 'lm_head' gets rank 2 but shares the rank-4"):
       import_peft(tmp_path)
+    # PEFT's untied head LoRA (lm_head targeted without the option) on the tied base: refused.
+    edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "ensure_weight_tying": False,
+                                                           "rank_pattern": {}})
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k},
+              tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="'lm_head', the output head of a base with tied"):
+      import_peft(tmp_path, base_params=params)
     return
   # merge: the one table holds the copy (or E + s A B); the plain model gives PEFT's logits.
   _assert_reference(model.apply({"params": pj.merge(full, config)}, *_args()), case)

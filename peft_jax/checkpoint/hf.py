@@ -575,6 +575,24 @@ def _tie_lora(per_layer: dict[str, dict[str, np.ndarray]], hf_name_of: dict[str,
   return True
 
 
+def _refuse_untied_head_lora(per_layer: Mapping[str, Any], hf_name_of: Mapping[str, str],
+                             base_params: Mapping[str, Any] | None, weights_path: str) -> None:
+  """PEFT's LoRA on the ``lm_head`` of a tied model without ``ensure_weight_tying`` (an
+  untied head LoRA): the tied base has no head weight for it; an error naming the fix."""
+  heads = [p for p in per_layer if saved_lib.is_head_name(p)]
+  if not heads or base_params is None:
+    return
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0])
+  table = saved_lib.tied_embedding(base_flat, saved_lib.TIED_HEAD)
+  if table is not None and f"{heads[0]}/kernel" not in base_flat:
+    raise ValueError(
+        f"{weights_path}: LoRA on {hf_name_of[heads[0]]!r}, the output head of a base with tied "
+        f"embeddings (its weight is {table!r}), without ensure_weight_tying: PEFT's untied head "
+        "LoRA, whose merge also changes the input embedding (peft#2777). peft_jax does not "
+        "load it; train with ensure_weight_tying=True (LoRA on the embedding, shared by the "
+        "head) instead.")
+
+
 def _tied_head_patterns(hf_config: Mapping[str, Any], per_layer: Mapping[str, Any],
                         path_map: PathMap, default_rank: int, default_alpha: float,
                         config_path: str) -> tuple[dict[str, int], dict[str, Any]]:
@@ -753,6 +771,7 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
 
   if tying:
     tying = _tie_lora(per_layer, hf_name_of, path_map, base_params, weights_path)
+  _refuse_untied_head_lora(per_layer, hf_name_of, base_params, weights_path)
   default_rank, default_alpha = int(hf_config.get("r", 8)), float(hf_config.get("lora_alpha", 8))
   head_ranks, head_alphas = (_tied_head_patterns(hf_config, per_layer, path_map, default_rank,
                                                  default_alpha, config_path)
