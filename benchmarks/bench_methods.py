@@ -56,6 +56,7 @@ import dataclasses
 import json
 import pathlib
 import statistics
+import subprocess
 import sys
 import time
 
@@ -261,6 +262,19 @@ def parts_dir(args, name: str) -> pathlib.Path:
   return root / name
 
 
+def source_commit() -> str | None:
+  """The checkout's commit (short hash; ``+`` when tracked files have uncommitted changes)."""
+  root = pathlib.Path(__file__).resolve().parents[1]
+  git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True,  # noqa: E731
+                                  timeout=30, check=True).stdout.strip()
+  try:
+    dirty = git("status", "--porcelain", "--untracked-files=no", "--", ".",
+                ":!benchmarks/results")  # results written by --merge are not code
+    return git("rev-parse", "--short", "HEAD") + ("+" if dirty else "")
+  except (OSError, subprocess.SubprocessError):
+    return None
+
+
 def _solo_runner(key: str, hp: ft.Hyperparameters, model, sample):
   method, fields, _ = VARIANTS.get(key, (key, {}, key))
   runner = compare_lib._runner(method, dataclasses.replace(hp, **fields), model,  # pylint: disable=protected-access
@@ -291,6 +305,7 @@ def measure_one(args, name: str, key: str, reference: str | None) -> dict:
   if steps <= SOLO_STEPS:
     raise SystemExit(f"bench_methods --one: --steps must be > {SOLO_STEPS}, got {steps}.")
   load_start = C.machine_info()["load_average_1_5_15"]
+  commit = source_commit()  # the code this process imports
   model = load(run_model(name, args.quick))
   tokens = ft.load_tokens(model, None)
   rss_load = C.peak_rss_self()
@@ -333,7 +348,7 @@ def measure_one(args, name: str, key: str, reference: str | None) -> dict:
           "hyperparameters": dataclasses.asdict(hp), "row": row, "eval_loss_base": base_loss,
           "peak_rss": {"method": key, "rss_after_load_bytes": rss_load,
                        "peak_rss_bytes": rss_method},
-          "load_average_start": load_start, "machine": C.machine_info()}
+          "load_average_start": load_start, "machine": C.machine_info(), "commit": commit}
   if ref:
     ref_timed = ref.seconds[SOLO_STEPS:]
     part["reference"] = {
@@ -374,6 +389,8 @@ def merge_parts(args, name: str) -> dict:
     row["time_vs_full"] = (ratio / full if ratio is not None and full else None)
     row["load_average"] = [part["load_average_start"][0],
                            part["machine"]["load_average_1_5_15"][0]]
+    row["commit"] = part.get("commit")
+    row["date"] = part["machine"]["date"]
     rows.append(row)
   block = {"machine": first["machine"], "model": first["model"], "steps": first["steps"],
            "solo_steps": first["solo_steps"], "batch": first["batch"],
@@ -412,11 +429,13 @@ def per_process_text(block: dict) -> str:
         vs_full(row, "eval_loss_after", lambda v: f"{v:.3f}"),
         f"{rss_b / 2**20:,.0f}" + (f" ({rss_b / full_rss:.2f}x)" if full_rss else ""),
         "{:.1f}-{:.1f}".format(*row["load_average"]),
+        f"{row.get('commit') or '?'}, {row['date'][11:16]}",
     ])
   ref = block["reference"]
   header = ["Method", "Trainable params", "Step memory (MiB)", "Step time (ms)",
             f"Step time / {ref} (same process)", "Step time / full FT (via " + f"{ref})",
-            "Checkpoint (MiB)", "Held-out loss", "Peak RSS (MiB, own process)", "Load average"]
+            "Checkpoint (MiB)", "Held-out loss", "Peak RSS (MiB, own process)", "Load average",
+            "Commit, UTC time"]
   floor = max(p["rss_after_load_bytes"] for p in block["peak_rss"].values())
   base = block.get("eval_loss_base")
   intro = (f"Model: {block['model']}; one fresh process per row; {block['steps']} steps of "
@@ -428,8 +447,9 @@ def per_process_text(block: dict) -> str:
            f"its steps after the first {block['solo_steps']}, alone). Step time / {ref} is the "
            f"median of the per-step ratios; / full FT divides it by full FT's own ratio to "
            f"{ref}. Raw step times are noisy (load average from the start to the end of each "
-           "process in the last column); memory plans, checkpoint sizes and losses do not "
-           "depend on load. Ratios in brackets are over full fine-tuning.")
+           "process in the Load average column; in the last, the commit of the code it ran, "
+           "`+` for uncommitted changes, and the time); memory plans, checkpoint sizes and "
+           "losses do not depend on load. Ratios in brackets are over full fine-tuning.")
   if base is not None:
     intro += f" Held-out loss of the base model before training: {base:.3f}."
   missing = [m for m in METHODS if m not in block["peak_rss"]]

@@ -123,7 +123,7 @@ def test_merge_assembles_one_process_per_method_with_ratios_chained_through_lora
   parts = tmp_path / "parts" / "gemma3-270m"
   for key, part in {"lora": _part("lora", 9.0), "full": _part("full", 6.0, 3.0, rss=4 * 2**30),
                     "qlora-nf4emb": _part("qlora-nf4emb", 5.0, 4.0)}.items():
-    C.write_json(parts / f"{key}.json", part)
+    C.write_json(parts / f"{key}.json", {**part, "commit": "abc1234+"} if key == "full" else part)
   stem = tmp_path / "methods"
   stem.with_suffix(".json").write_text(json.dumps({"models": {"smollm2": {"text": "kept"}}}))
   bench_methods.main(["--model", "gemma3-270m", "--merge", "--parts", str(tmp_path / "parts"),
@@ -136,6 +136,7 @@ def test_merge_assembles_one_process_per_method_with_ratios_chained_through_lora
   text = block["text"]
   assert "| qlora + NF4 embedding |" in text and "| 0.62x |" in text and "1,024 (0.25x)" in text
   assert "Not measured in this block: dora, qlora, loraplus, galore, lisa, adalora." in text
+  assert text.count("| abc1234+, ") == 1 and text.count("| ?, ") == 2  # each row's own commit
   assert "kept" in stem.with_suffix(".md").read_text()
   C.write_json(parts / "dora.json", _part("dora", 1.0, 1.0, steps=6))  # another schedule
   with pytest.raises(SystemExit, match="differ in steps"):

@@ -10,6 +10,7 @@ embedding (the head's LoRA is the embedding's, transposed). Our own
 behaviour is checked against closed forms on the same tiny Llama.
 """
 
+import dataclasses
 import json
 import pathlib
 import warnings
@@ -85,7 +86,10 @@ def _assert_peft_file(tmp_path, adapters, config, case):
 # -- the linen Llama (SmolLM2's tie_word_embeddings) against PEFT 0.21.2 ----------------
 @pytest.mark.parametrize("case,saved,targets", [
     ("llama_tied_saved", ("embed_tokens", "lm_head"), ("q_proj",)),
-    ("llama_tied_lora", None, ("embed_tokens", "q_proj"))])
+    ("llama_tied_lora", None, ("embed_tokens", "q_proj")),
+    # target_modules=["q_proj", "lm_head"], alpha_pattern={"lm_head": 32}: PEFT targets the
+    # embedding, ties the head to it and scales the head's term by 32 / r.
+    ("llama_tied_head", None, ("lm_head", "q_proj"))])
 def test_llama_peft_file_gives_peft_logits(tmp_path, llama, case, saved, targets):
   model, params = llama
   adapters, config = import_peft(HF_TINY / case, base_params=params)
@@ -94,9 +98,26 @@ def test_llama_peft_file_gives_peft_logits(tmp_path, llama, case, saved, targets
   assert "lm_head" not in adapters  # the head's tensors are the embedding's
   full = pj.combine(params, adapters)
   _assert_reference(pj.apply(model, full, *_args(), config=config), case)
+  _assert_peft_file(tmp_path, adapters, config, case)
+  if case == "llama_tied_head":  # one merged table cannot scale by two alphas
+    assert dict(config.alpha_pattern) == {"lm_head": 32}
+    with pytest.raises(ValueError, match=r"scales its LoRA by 2 and the tied head 'lm_head' by 8"):
+      pj.merge(full, config)
+    # A file giving the tied head a rank of its own (PEFT: alpha over a rank A, B lack).
+    edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "rank_pattern": {"lm_head": 2}})
+    with pytest.raises(ValueError, match="tied head 'lm_head' gets rank 2 but shares the rank-4"):
+      import_peft(tmp_path)
+    # PEFT's untied head LoRA (lm_head targeted without the option) on the tied base: refused.
+    edit_json(tmp_path / "adapter_config.json", lambda c: {**c, "ensure_weight_tying": False,
+                                                           "rank_pattern": {}})
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    save_file({k: v for k, v in tensors.items() if "embed_tokens" not in k},
+              tmp_path / "adapter_model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="'lm_head', the output head of a base with tied"):
+      import_peft(tmp_path, base_params=params)
+    return
   # merge: the one table holds the copy (or E + s A B); the plain model gives PEFT's logits.
   _assert_reference(model.apply({"params": pj.merge(full, config)}, *_args()), case)
-  _assert_peft_file(tmp_path, adapters, config, case)
 
 
 # -- our side: closed forms on the same tiny Llama ----------------------------------------
@@ -251,11 +272,47 @@ def test_tied_lora_acts_in_lookup_and_head(tmp_path, llama):
     import_peft(tmp_path)
 
 
+def test_lm_head_target_and_head_alpha(tmp_path, llama):
+  # target_modules naming the tied head: LoRA on the embedding (PEFT's mapping); the head's
+  # own alpha_pattern entry scales the head's term only. Oracle: an untied model whose lookup
+  # table is E + s_e A B and whose head is E + s_h A B.
+  model, params = llama
+  lora = pj.LoRAConfig(rank=2, alpha=3.0, target_modules=r".*(q_proj|lm_head)",
+                       ensure_weight_tying=True, alpha_pattern={"lm_.*": 12.0})
+  full = _transform(params, lora)
+  embed = full["model"]["embed_tokens"]
+  assert "lm_head" not in full and embed["lora_a"].shape == (128, 2)
+  embed["lora_b"] = jax.random.normal(jax.random.PRNGKey(2), embed["lora_b"].shape) * 0.3
+  table = params["model"]["embed_tokens"]["embedding"]
+  delta = embed["lora_a"] @ embed["lora_b"]
+  oracle = {**_with_table(params, table + 1.5 * delta), "lm_head": {"kernel": (table + 6.0 * delta).T}}
+  untied = LlamaForCausalLM(dataclasses.replace(model.config, tie_word_embeddings=False))
+  want = untied.apply({"params": oracle}, *_args())
+  np.testing.assert_allclose(pj.apply(model, full, *_args(), config=lora), want, atol=1e-5)
+  # A list naming the head maps the same way; Orbax keeps the head's alpha (a regex key).
+  listed = lora.replace(target_modules=("q_proj", "lm_head"))
+  assert set(_transform(params, listed)["model"]["embed_tokens"]) == {"embedding", "lora_a", "lora_b"}
+  adapters, _ = pj.split(full, lora)
+  pj.save_lora_state_dict(tmp_path / "orbax", adapters, lora)
+  _, restored = pj.load_lora_state_dict(tmp_path / "orbax", base_params=params)
+  assert restored.alpha_for("lm_head") == 12.0 and restored.alpha_for("model/embed_tokens") == 3.0
+  # Refused by name: the head without the option (PEFT's untied head LoRA, whose merge writes
+  # into the shared table), and a head rank other than the embedding's (shared A and B).
+  with pytest.raises(ValueError, match="output head.*ensure_weight_tying=True.*'embed_tokens'"):
+    pj.lora_transform(params, listed.replace(ensure_weight_tying=False), key=jax.random.PRNGKey(1))
+  for ranks in ({"lm_head": 1}, {"embed_tokens": 1}):
+    with pytest.raises(ValueError, match="tied head 'lm_head' gets rank"):
+      pj.lora_transform(params, listed.replace(rank_pattern=ranks), key=jax.random.PRNGKey(1))
+  same = _transform(params, listed.replace(rank_pattern={"embed_tokens": 1, "lm_head": 1}))
+  assert same["model"]["embed_tokens"]["lora_a"].shape == (128, 1)
+
+
 # -- the NNX Gemma 3 against PEFT 0.21.2 ------------------------------------------------
 @pytest.mark.parametrize("case,saved,targets", [
     ("gemma3_tied", ("lm_head",), ("q_proj",)),
     ("gemma3_tied_embed", ("embed_tokens", "lm_head"), ("q_proj",)),
-    ("gemma3_tied_lora", None, ("embed_tokens", "q_proj"))])
+    ("gemma3_tied_lora", None, ("embed_tokens", "q_proj")),
+    ("gemma3_tied_head", None, ("lm_head", "q_proj"))])
 def test_gemma3_peft_file_gives_peft_logits(tmp_path, case, saved, targets):
   _, model = load_gemma3_hf(HF_TINY / "gemma3")
   adapters, config = import_peft(HF_TINY / case, base_params=pj.nnx.params(model))
@@ -265,6 +322,18 @@ def test_gemma3_peft_file_gives_peft_logits(tmp_path, case, saved, targets):
   pj.nnx.load_adapters(model, adapters, config)
   _assert_reference(model(*_args()), case)
   _assert_peft_file(tmp_path, pj.nnx.adapters(model), config, case)
+  if case == "gemma3_tied_head":  # the head's own alpha: one merged table cannot hold it
+    with pytest.raises(ValueError, match="one merged table cannot hold both"):
+      pj.nnx.merge(model)
+    # Our own transform maps the head onto the embedding as PEFT did (same adapter shapes).
+    _, fresh = load_gemma3_hf(HF_TINY / "gemma3")
+    with pytest.raises(ValueError, match="output head.*ensure_weight_tying=True"):
+      pj.nnx.lora_transform(fresh, config.replace(ensure_weight_tying=False),
+                            key=jax.random.PRNGKey(0))
+    pj.nnx.lora_transform(fresh, config, key=jax.random.PRNGKey(0))
+    shapes = lambda tree: jax.tree.map(jnp.shape, tree)  # noqa: E731
+    assert shapes(pj.nnx.adapters(fresh)) == shapes(adapters)
+    return
   # The one table holds the shared copy (or E + s A B) after merge: PEFT's logits.
   pj.nnx.merge(model)
   _assert_reference(model(*_args()), case)

@@ -205,8 +205,11 @@ def _target_modules(config: LoRAConfig, our_paths: Sequence[str], hf_names: Sequ
                  and config.exclude_modules is None and config.layers_to_transform is None)
   if plain_names:
     # Suffix matching is the same rule in both libraries; ensure_weight_tying adds the
-    # tied embedding's full name, as PEFT does.
-    return sorted({p.rsplit("/", 1)[-1] for p in our_paths} | set(tied))
+    # tied embedding's full name, as PEFT does (which also drops a tied head named there).
+    names = {p.rsplit("/", 1)[-1] for p in our_paths}
+    if tied and not any(t.rsplit(".", 1)[-1] in config.target_modules for t in tied):
+      names -= {t.rsplit(".", 1)[-1] for t in tied}  # the user named lm_head, not the table
+    return sorted(names | set(tied))
   return "|".join(re.escape(n) for n in sorted(hf_names))
 
 
@@ -330,13 +333,21 @@ def export_peft(directory: str | os.PathLike, adapters: Mapping[str, Any], confi
       tensors[key + b_key] = np.ascontiguousarray(lora_b.T)
       if "lora_magnitude" in arrays:
         tensors[key + ".lora_magnitude_vector"] = np.ascontiguousarray(arrays["lora_magnitude"])
+      rank = lora_a.shape[-1]
       if is_embedding and config.ensure_weight_tying:
         # PEFT's tied lm_head LoRA: A = lora_embedding_B^T, B = lora_embedding_A^T.
-        head = KEY_PREFIX + path_map.to_hf("lm_head")
+        head_name = path_map.to_hf(saved_lib.TIED_HEAD)
+        head = KEY_PREFIX + head_name
         tensors[head + ".lora_A.weight"] = np.ascontiguousarray(lora_b)
         tensors[head + ".lora_B.weight"] = np.ascontiguousarray(lora_a)
         tied.append(hf_name)
-      rank = lora_a.shape[-1]
+        # PEFT looks the head's rank and alpha up under its own name.
+        saved_lib.tied_head_scale(config, path, rank)
+        head_alpha = config.alpha_for(saved_lib.TIED_HEAD)
+        if rank != config.rank:
+          rank_pattern[head_name] = int(rank)
+        if head_alpha != config.alpha:
+          alpha_pattern[head_name] = _alpha_value(head_alpha)
       if rank != config.rank:
         rank_pattern[hf_name] = int(rank)
       if alpha != config.alpha:
@@ -564,6 +575,47 @@ def _tie_lora(per_layer: dict[str, dict[str, np.ndarray]], hf_name_of: dict[str,
   return True
 
 
+def _refuse_untied_head_lora(per_layer: Mapping[str, Any], hf_name_of: Mapping[str, str],
+                             base_params: Mapping[str, Any] | None, weights_path: str) -> None:
+  """PEFT's LoRA on the ``lm_head`` of a tied model without ``ensure_weight_tying`` (an
+  untied head LoRA): the tied base has no head weight for it; an error naming the fix."""
+  heads = [p for p in per_layer if saved_lib.is_head_name(p)]
+  if not heads or base_params is None:
+    return
+  base_flat = targeting.flatten(targeting.unwrap_params(base_params)[0])
+  table = saved_lib.tied_embedding(base_flat, saved_lib.TIED_HEAD)
+  if table is not None and f"{heads[0]}/kernel" not in base_flat:
+    raise ValueError(
+        f"{weights_path}: LoRA on {hf_name_of[heads[0]]!r}, the output head of a base with tied "
+        f"embeddings (its weight is {table!r}), without ensure_weight_tying: PEFT's untied head "
+        "LoRA, whose merge also changes the input embedding (peft#2777). peft_jax does not "
+        "load it; train with ensure_weight_tying=True (LoRA on the embedding, shared by the "
+        "head) instead.")
+
+
+def _tied_head_patterns(hf_config: Mapping[str, Any], per_layer: Mapping[str, Any],
+                        path_map: PathMap, default_rank: int, default_alpha: float,
+                        config_path: str) -> tuple[dict[str, int], dict[str, Any]]:
+  """The tied head's own rank and alpha (PEFT looks them up under ``lm_head``) as our
+  ``rank_pattern``/``alpha_pattern`` entries; a head rank other than the embedding's is an
+  error (PEFT would scale the shared A and B by alpha over a rank they do not have)."""
+  embeds = [p for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names]
+  if len(embeds) != 1:
+    return {}, {}
+  head = path_map.to_hf(saved_lib.TIED_HEAD)
+  rank = int(per_layer[embeds[0]]["lora_a"].shape[-1])
+  ranks = ut.literal_patterns(config_path, "rank_pattern", hf_config.get("rank_pattern") or {})
+  head_rank = ut.require_int(config_path, f"rank_pattern[{head!r}]",
+                             _hf_pattern_value(ranks, head, default_rank), low=1, high=2**20)
+  if head_rank != rank:
+    raise ut.malformed(config_path, "rank_pattern", ranks,
+                       f"ensure_weight_tying: the tied head {head!r} gets rank {head_rank} but "
+                       f"shares the rank-{rank} LoRA of {embeds[0]!r}")
+  head_alpha = float(_hf_pattern_value(hf_config.get("alpha_pattern") or {}, head, default_alpha))
+  return ({saved_lib.TIED_HEAD: rank} if rank != default_rank else {},
+          {saved_lib.TIED_HEAD: _alpha_value(head_alpha)} if head_alpha != default_alpha else {})
+
+
 def _saved_modules(copies: Mapping[str, Any], saved_names: Sequence[str],
                    path_map: PathMap) -> tuple[str, ...] | None:
   """Our ``modules_to_save``: the last names of the modules copied whole."""
@@ -719,7 +771,11 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
 
   if tying:
     tying = _tie_lora(per_layer, hf_name_of, path_map, base_params, weights_path)
+  _refuse_untied_head_lora(per_layer, hf_name_of, base_params, weights_path)
   default_rank, default_alpha = int(hf_config.get("r", 8)), float(hf_config.get("lora_alpha", 8))
+  head_ranks, head_alphas = (_tied_head_patterns(hf_config, per_layer, path_map, default_rank,
+                                                 default_alpha, config_path)
+                             if tying else ({}, {}))
   ranks, alphas = {}, {}
   for path, leaves in per_layer.items():
     if "lora_a" not in leaves or "lora_b" not in leaves:
@@ -767,23 +823,30 @@ def import_peft(directory: str | os.PathLike, *, path_map: PathMap | None = None
       array = jnp.asarray(np.ascontiguousarray(value))
       flat[f"{site}/{name}"] = array if dtype is None else array.astype(dtype)
   hf_targets = hf_config.get("target_modules")
+  named_head = False
   if tying and isinstance(hf_targets, list):  # the tied embedding's full name PEFT appends
     appended = {hf_name_of[p] for p in per_layer if p.rsplit("/", 1)[-1] in path_map.embedding_names}
     hf_targets = [t for t in hf_targets if t not in appended]
+    # PEFT dropped a tied head named in target_modules (lm_head): the user named the head.
+    named_head = bool(appended) and not any(a.rsplit(".", 1)[-1] in hf_targets for a in appended)
   names_only = (isinstance(hf_targets, list) and all("." not in t for t in hf_targets)
                 and hf_config.get("layers_to_transform") is None
                 and hf_config.get("exclude_modules") is None)
   targets = (tuple(sorted({p.rsplit("/", 1)[-1] for p in modules})) if names_only
              else tuple(sorted(modules)))
+  if named_head and names_only:
+    targets = tuple(sorted({saved_lib.TIED_HEAD if t in path_map.embedding_names else t
+                            for t in targets}))
   config = LoRAConfig(
       rank=default_rank, alpha=_alpha_value(default_alpha),
       weight_names=targeting.KERNEL_LEAVES + site_weights,
       target_modules=targets, dropout=float(hf_config.get("lora_dropout", 0.0)),
       use_rslora=bool(hf_config.get("use_rslora", False)),
       use_dora=bool(hf_config.get("use_dora", False)),
-      rank_pattern={re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
-      alpha_pattern={re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
-                     if a != default_alpha},
+      rank_pattern={**{re.escape(p): r for p, r in sorted(ranks.items()) if r != default_rank},
+                    **head_ranks},
+      alpha_pattern={**{re.escape(p): _alpha_value(a) for p, a in sorted(alphas.items())
+                        if a != default_alpha}, **head_alphas},
       modules_to_save=saved_modules, bias=bias, ensure_weight_tying=tying)
   problems = saved_lib.config_misfits(flat, config)
   if problems:

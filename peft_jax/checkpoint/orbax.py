@@ -136,6 +136,8 @@ def _file_config(config: LoRAConfig, tree: Mapping[str, Any]) -> dict[str, Any]:
   """
   d = config.to_dict()
   modules = sorted(adapter_modules(tree))
+  if config.ensure_weight_tying and saved_lib.TIED_HEAD not in modules:
+    modules.append(saved_lib.TIED_HEAD)  # a tied head's own alpha (see saved.tied_head_scale)
   for name, value_for, default in (("rank_pattern", config.rank_for, config.rank),
                                    ("alpha_pattern", config.alpha_for, config.alpha)):
     pattern = d[name]

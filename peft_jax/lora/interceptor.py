@@ -254,13 +254,15 @@ class _Interceptor:
 
   def _tied_attend(self, module, next_fun, args, kwargs):
     """A tied head with ``ensure_weight_tying``: ``attend`` adds the embedding's LoRA term,
-    ``s * (dropout(q) B^T) A^T`` (PEFT's lm_head LoRA with A = B_emb^T, B = A_emb^T)."""
+    ``s * (dropout(q) B^T) A^T`` (PEFT's lm_head LoRA with A = B_emb^T, B = A_emb^T; ``s``
+    the head's own, see :func:`peft_jax.lora.saved.tied_head_scale`)."""
     path = module_path(module)
     lora_a, lora_b, magnitude, lora_e = _adapter_leaves(module)
     if magnitude is not None or lora_e is not None:
       raise ValueError(f"ensure_weight_tying ties plain LoRA only; {path!r} holds DoRA or "
                        "AdaLoRA leaves.")
-    scale = self.config.scale_for(path, _check_rank(self.config, path, lora_a, lora_e))
+    scale = saved_lib.tied_head_scale(self.config, path,
+                                      _check_rank(self.config, path, lora_a, lora_e))
     out = next_fun(*args, **kwargs)
     query = args[0] if args else kwargs["query"]
     query = _dropout(query, self.config.dropout, module, self._is_deterministic(module))

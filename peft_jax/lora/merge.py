@@ -90,6 +90,7 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
   modules = [p[: -len("/lora_a")] for p in flat if p.endswith("/lora_a")]
   if not modules:
     raise ValueError("These params hold no adapters (no 'lora_a' leaf): nothing to merge.")
+  _check_tied_scales(flat, config)
   for module in modules:
     weight = _weight_path(flat, module)
     kernel = flat[weight]
@@ -108,6 +109,21 @@ def merge(params: Mapping[str, Any], config: LoRAConfig, *,
   saved_lib.merge_copies(flat)
   out = targeting.unflatten(flat)
   return {"params": out} if wrapped else out
+
+
+def _check_tied_scales(flat: Mapping[str, Any], config: LoRAConfig) -> None:
+  """A tied embedding's LoRA merges into the one table that the head reads too: exact only
+  when the head scales it as the lookup does (``alpha_pattern`` can give the head its own)."""
+  table = saved_lib.tied_lora_table(flat, config)
+  if table is None:
+    return
+  rank = flat[f"{table}/lora_a"].shape[-1]
+  lookup, head = config.scale_for(table, rank), saved_lib.tied_head_scale(config, table, rank)
+  if lookup != head:
+    raise ValueError(
+        f"ensure_weight_tying: the embedding {table!r} scales its LoRA by {lookup:g} and the "
+        f"tied head {saved_lib.TIED_HEAD!r} by {head:g} (alpha_pattern): one merged table "
+        "cannot hold both. Keep the adapters unmerged, or train with one alpha for both.")
 
 
 def unmerge(merged: Mapping[str, Any], adapters: Mapping[str, Any], config: LoRAConfig, *,

@@ -33,6 +33,7 @@ the one table.
 from __future__ import annotations
 
 import difflib
+import re
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -44,6 +45,7 @@ from peft_jax import targeting
 SAVED = targeting.SAVED
 HEAD = "untied_head"  # a tied model's head copy, in the embedding's `saved` dict
 TIED = "tied_embedding"  # ensure_weight_tying: one copy for the lookup and the tied head
+TIED_HEAD = "lm_head"  # the tied head's name in target_modules / rank_pattern / alpha_pattern
 
 
 def is_saved_path(path: str) -> bool:
@@ -151,6 +153,73 @@ def _tie_target(flat: Mapping[str, Any], config, adapted: set[str]) -> str | Non
                   "embedding nor the output head: nothing to tie (PEFT warns so too).",
                   stacklevel=4)
   return None
+
+
+def tied_head_targets(flat: Mapping[str, Any], config, modules):
+  """``config.target_modules`` with a tied model's head (``lm_head``, which has no params:
+  it is the embedding's ``attend``) mapped onto its embedding, as PEFT's
+  ``ensure_weight_tying`` does (LoRA on the embedding, the head adding its term).
+
+  ``modules``: the adaptable module paths. A list entry naming the head that
+  matches no module, or a regex matching ``lm_head``, counts as naming it.
+
+  Raises:
+    ValueError: the head named on a tied model without ``ensure_weight_tying``
+      (PEFT puts an untied LoRA on the head there, whose merge writes into the
+      one shared table and changes the input lookup too: peft#2777).
+  """
+  spec = config.target_modules
+  table = tied_embedding(flat, TIED_HEAD)
+  if table is None or spec == targeting.ALL_LINEAR:
+    return spec
+  if isinstance(spec, str):
+    named = [TIED_HEAD] if re.fullmatch(spec, TIED_HEAD) and TIED_HEAD not in modules else []
+  else:
+    named = [n for n in spec if is_head_name(n)
+             and not any(targeting.name_matches(n, m) for m in modules)]
+  if not named:
+    return spec
+  if not config.ensure_weight_tying:
+    raise ValueError(
+        f"target_modules names the output head {named} of a model with tied embeddings: the "
+        f"head has no weight of its own, it is the embedding {table!r} (Embed.attend). Set "
+        "ensure_weight_tying=True (as PEFT: LoRA on the embedding, which the tied head shares) "
+        f"or target {table.rsplit('/', 1)[-1]!r}. (PEFT without the option puts an untied "
+        "LoRA on lm_head, whose merge also changes the input embedding: peft#2777.)")
+  if isinstance(spec, str):
+    return f"(?:{spec})|{re.escape(table)}"
+  return tuple(dict.fromkeys(table if n in named else n for n in spec))
+
+
+def tied_head_scale(config, table: str, rank: int) -> float:
+  """The scale of the tied head's LoRA term (``ensure_weight_tying``, LoRA on ``table``).
+
+  As PEFT, the head's ``rank_pattern``/``alpha_pattern`` entries are looked up
+  under its own name ``lm_head``: a head alpha different from the embedding's
+  is honoured (each use scales the shared A and B by its own alpha).
+
+  Raises:
+    ValueError: the head's rank differs from the embedding's ``rank``: it
+      shares the embedding's A and B (PEFT would scale them by alpha over a
+      rank they do not have).
+  """
+  head_rank = config.rank_for(TIED_HEAD)
+  if head_rank != rank:
+    name = table.rsplit("/", 1)[-1]
+    raise ValueError(
+        f"ensure_weight_tying: the tied head {TIED_HEAD!r} gets rank {head_rank} from the "
+        f"config but shares the rank-{rank} LoRA A and B of the embedding {table!r}; give "
+        f"both the same rank (rank_pattern={{{name!r}: {rank}, {TIED_HEAD!r}: {rank}}}, or "
+        "drop both entries).")
+  return config.scale_for(TIED_HEAD, rank)
+
+
+def tied_lora_table(flat: Mapping[str, Any], config) -> str | None:
+  """The tied embedding whose LoRA the head shares (``ensure_weight_tying``), else None."""
+  if not config.ensure_weight_tying:
+    return None
+  table = tied_embedding(flat, TIED_HEAD)
+  return table if table is not None and f"{table}/lora_a" in flat else None
 
 
 def _saved_modules(flat: Mapping[str, Any], names: tuple[str, ...]) -> list[str]:

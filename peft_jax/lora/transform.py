@@ -165,12 +165,18 @@ def lora_transform(
       that already holds adapters, or an ambiguous kernel layout.
   """
   inner, wrapped = targeting.unwrap_params(params)
-  selected = targeting.select_modules(
-      inner, config.target_modules, exclude_modules=config.exclude_modules,
-      layers_to_transform=config.layers_to_transform, weight_names=config.weight_names)
-  targeting.check_patterns_match(config.rank_pattern, selected, "rank_pattern")
-  targeting.check_patterns_match(config.alpha_pattern, selected, "alpha_pattern")
   flat = targeting.flatten(inner)
+  targets = saved_lib.tied_head_targets(  # a tied model's lm_head: its embedding, as PEFT
+      flat, config, targeting.adaptable_modules(inner, config.weight_names))
+  selected = targeting.select_modules(
+      inner, targets, exclude_modules=config.exclude_modules,
+      layers_to_transform=config.layers_to_transform, weight_names=config.weight_names)
+  tied = saved_lib.tied_embedding(flat, saved_lib.TIED_HEAD) if config.ensure_weight_tying else None
+  patterned = [*selected, saved_lib.TIED_HEAD] if tied in selected else list(selected)
+  targeting.check_patterns_match(config.rank_pattern, patterned, "rank_pattern")
+  targeting.check_patterns_match(config.alpha_pattern, patterned, "alpha_pattern")
+  if tied in selected:  # the tied head's own rank must be the embedding's
+    saved_lib.tied_head_scale(config, tied, config.rank_for(tied))
   keys = jax.random.split(key, len(selected))
   for module_key, (path, leaf_name) in zip(keys, selected.items()):
     site = targeting.site_path(path, leaf_name)

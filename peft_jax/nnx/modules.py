@@ -118,7 +118,8 @@ def _peft_attend(self, query):
 
 def _tied_lora(module, query):
   """With ``ensure_weight_tying``, a tied head adds the embedding's LoRA term
-  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``); else None."""
+  ``s * (dropout(q) B^T) A^T`` (as the linen interceptor's ``_tied_attend``, ``s`` the
+  head's own); else None."""
   lora_a = _leaf(module, "lora_a")
   config = getattr(module, "lora_config", None)
   if lora_a is None or config is None or not config.ensure_weight_tying:
@@ -126,7 +127,8 @@ def _tied_lora(module, query):
   if _leaf(module, "lora_magnitude") is not None or _leaf(module, "lora_e") is not None:
     raise ValueError(f"ensure_weight_tying ties plain LoRA only; {module.lora_path!r} holds "
                      "DoRA or AdaLoRA leaves.")
-  scale = _rank_and_scale(module, lora_a, None)
+  _rank_and_scale(module, lora_a, None)  # the config fits the embedding's adapters
+  scale = saved_lib.tied_head_scale(config, module.lora_path, lora_a.shape[-1])
   dropout = getattr(module, "lora_dropout", None)
   if dropout is not None and not _no_dropout():
     query = dropout(query)

@@ -7,10 +7,12 @@ Two steps, two interpreters (torch is not a test dependency)::
 
 On the tiny tied Llama of hf_tiny/llama_tied, adapters made by us (not read
 from a PEFT file) with random values: `saved` (modules_to_save=("lm_head",),
-one shared copy) and `lora` (LoRA on q_proj and the tied embed_tokens). The
-check loads each directory with `PeftModel.from_pretrained` and compares its
-logits with ours. Last run (peft 0.21.2, transformers 5.24, eager attention):
-largest difference 2.1e-6 (saved), 5.7e-6 (lora); 3.7 / 14.1 from the base.
+one shared copy), `lora` (LoRA on q_proj and the tied embed_tokens) and `head`
+(target_modules naming lm_head, which maps to the embedding, with the head's own
+alpha_pattern entry). The check loads each directory with
+`PeftModel.from_pretrained` and compares its logits with ours. Last run (peft
+0.21.2, transformers 5.24, eager attention): largest difference 2.1e-6 (saved),
+5.7e-6 (lora), 2.3e-5 (head); 3.7 / 14 / 55 from the base.
 """
 
 import json
@@ -38,7 +40,9 @@ def write(directory: str) -> None:
       "saved": pj.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj",),
                              modules_to_save=("lm_head",), ensure_weight_tying=True),
       "lora": pj.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "embed_tokens"),
-                            ensure_weight_tying=True)}
+                            ensure_weight_tying=True),
+      "head": pj.LoRAConfig(rank=4, alpha=8, target_modules=("q_proj", "lm_head"),
+                            ensure_weight_tying=True, alpha_pattern={"lm_head": 32})}
   for name, lora in cases.items():
     adapters, base = pj.split(pj.lora_transform(params, lora, key=jax.random.PRNGKey(3)), lora)
     adapters = jax.tree.map(
@@ -53,7 +57,7 @@ def check(directory: str) -> None:
   import torch  # pylint: disable=import-outside-toplevel
   import transformers  # pylint: disable=import-outside-toplevel
   real = np.asarray(INPUTS["attention_mask"], bool)
-  for name in ("saved", "lora"):
+  for name in ("saved", "lora", "head"):
     model = transformers.AutoModelForCausalLM.from_pretrained(
         BASE, dtype=torch.float32, attn_implementation="eager")
     model = peft.PeftModel.from_pretrained(model, f"{directory}/{name}").eval()

@@ -58,10 +58,22 @@ LATER = {
                                            ensure_weight_tying=True)),
 }
 
+# Later still (seeds after LATER's): `lm_head` named in target_modules of a tied model with
+# ensure_weight_tying (PEFT targets the embedding instead and ties the head to it), and an
+# alpha_pattern giving the tied head its own alpha (PEFT scales the head's term by it).
+LATEST = {
+    "gemma3_tied_head": ("gemma3", dict(target_modules=["q_proj", "lm_head"],
+                                        ensure_weight_tying=True, alpha_pattern={"lm_head": 32})),
+    "llama_tied_head": ("llama_tied", dict(target_modules=["q_proj", "lm_head"],
+                                           ensure_weight_tying=True,
+                                           alpha_pattern={"lm_head": 32})),
+}
+
 
 def main(only=()):
   cases = list(enumerate(sorted(CASES.items()))) + list(
-      enumerate(sorted(LATER.items()), start=len(CASES)))
+      enumerate(sorted(LATER.items()), start=len(CASES))) + list(
+          enumerate(sorted(LATEST.items()), start=len(CASES) + len(LATER)))
   for seed, (case, (family, options)) in cases:
     if only and case not in only:
       continue
