@@ -14,8 +14,10 @@ one pass, the flops of the plain head). When the head itself is trained
 (``dW`` needed) a first pass finds each token's log-sum-exp and a second
 recomputes each chunk's logits for ``g = softmax(z) - onehot(y)`` (the
 one-hot an iota compare), giving ``dh += g W`` and that chunk's rows of
-``dW = g^T h``: one more head product than the plain loss, no ``(V, H)``
-accumulator across chunks. The backward pass just scales the saved ``dh``
+``dW = g^T h``: one more head product than the plain loss. Where blocks of
+at least 128 tokens over the whole vocabulary fit in two chunks' logits
+(SmolLM2's 49,152 ids; not Gemma's 262,144) such shorter blocks instead take
+one pass over their full logits, the flops of the plain head. The backward pass just scales the saved ``dh``
 (and ``dW``) by the loss's cotangent. Peak memory holds one chunk of logits
 instead of several ``(tokens, vocab)`` buffers (logits, log-softmax, its
 gradient, the one-hot scatter). A final logit softcapping
@@ -46,6 +48,8 @@ __all__ = ["DEFAULT_CHUNK_TOKENS", "DEFAULT_CHUNK_VOCAB", "linear_cross_entropy"
 # benchmarks/results/head.md).
 DEFAULT_CHUNK_TOKENS = 512
 DEFAULT_CHUNK_VOCAB = 8192
+# With dW wanted: blocks at least this long go over the whole vocabulary in one pass.
+_ONE_PASS_MIN_TOKENS = 128
 
 
 def _logits(h, w, vocab_axis, dtype, softcap):
@@ -181,32 +185,58 @@ def _block_dh(h, y, w, weight, vocab_axis, dtype, chunk_vocab, softcap):
   return jnp.sum(w * (lse - zy)), (acc - label) * w[:, None], None
 
 
+def _chunk_grads(h, y, w, wc, start, z, dz, lse, vocab_axis, dtype):
+  """``g = w_t (softmax(z) - onehot(y)) dz`` of one chunk: its share of ``dh`` and its rows of ``dW``."""
+  ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) + start
+  g = jnp.exp(z - lse[:, None]) - (ids == y[:, None]).astype(jnp.float32)
+  if dz is not None:
+    g = g * dz
+  g = (g * w[:, None]).astype(dtype)
+  # dW[v, i] (tied) or dW[i, v] (kernel) = sum_t h[t, i] g[t, v]
+  dims = (((0,), (0,)), ((), ()))
+  hd = h.astype(dtype)
+  dw = (jax.lax.dot_general(g, hd, dims, preferred_element_type=jnp.float32) if vocab_axis == 0
+        else jax.lax.dot_general(hd, g, dims, preferred_element_type=jnp.float32))
+  return _times_head(g, wc, vocab_axis, dtype), dw
+
+
 def _block_dh_dweight(h, y, w, weight, vocab_axis, dtype, chunk_vocab, softcap):
   """One token block's loss, ``dh`` and ``dW``: the ``lse`` first, then each chunk's gradient."""
   lse, zy, _, _ = _online_softmax(h, y, weight, vocab_axis, dtype, softcap, chunk_vocab, False)
 
   def step(dh, wc, start):
     z, dz = _logits(h, wc, vocab_axis, dtype, softcap)
-    ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) + start
-    g = jnp.exp(z - lse[:, None]) - (ids == y[:, None]).astype(jnp.float32)
-    if dz is not None:
-      g = g * dz
-    g = (g * w[:, None]).astype(dtype)
-    # dW[v, i] (tied) or dW[i, v] (kernel) = sum_t h[t, i] g[t, v]
-    dims = (((0,), (0,)), ((), ()))
-    hd = h.astype(dtype)
-    dw = (jax.lax.dot_general(g, hd, dims, preferred_element_type=jnp.float32) if vocab_axis == 0
-          else jax.lax.dot_general(hd, g, dims, preferred_element_type=jnp.float32))
-    return dh + _times_head(g, wc, vocab_axis, dtype), dw
+    dh_chunk, dw = _chunk_grads(h, y, w, wc, start, z, dz, lse, vocab_axis, dtype)
+    return dh + dh_chunk, dw
 
   dh, dweight = _over_vocab(step, jnp.zeros(h.shape, jnp.float32), weight, vocab_axis, chunk_vocab)
   return jnp.sum(w * (lse - zy)), dh, dweight
 
 
+def _block_dh_dweight_one_pass(h, y, w, weight, vocab_axis, dtype, chunk_vocab, softcap):
+  """A short token block's loss, ``dh`` and ``dW`` from its logits over the whole vocabulary."""
+  del chunk_vocab
+  z, dz = _logits(h, weight, vocab_axis, dtype, softcap)
+  lse = jax.nn.logsumexp(z, axis=1)
+  dh, dweight = _chunk_grads(h, y, w, weight, 0, z, dz, lse, vocab_axis, dtype)
+  return jnp.sum(w * (lse - _at_label(z, y, 0))), dh, dweight
+
+
 def _fused_fwd(hidden, weight, labels, weights, vocab_axis, dtype, chunk, chunk_vocab, softcap):
   want_dweight = weight.perturbed
   hidden, weight, labels, weights = hidden.value, weight.value, labels.value, weights.value
-  block = _block_dh_dweight if want_dweight else _block_dh
+  block = _block_dh
+  if want_dweight:
+    # Two passes cost one more head product. Where blocks of >= 128 tokens
+    # against the whole vocabulary fit in two chunks' logits (SmolLM2's
+    # 49,152 ids, not Gemma's 262,144) one pass over them is faster.
+    tokens = hidden.shape[0]
+    short = min(2 * chunk * chunk_vocab // weight.shape[vocab_axis], chunk)
+    if short >= min(_ONE_PASS_MIN_TOKENS, tokens):
+      blocks = -(-tokens // short)  # as few blocks as fit, of equal length (little padding)
+      block, chunk = _block_dh_dweight_one_pass, -(-tokens // blocks)
+    else:
+      block = _block_dh_dweight
 
   def body(carry, xs):
     total, dweight = carry
