@@ -89,7 +89,11 @@ def _over_vocab(step, carry, weight, vocab_axis, chunk_vocab):
     return step(carry, w, start)
 
   outs = []
-  if full:
+  if full == 1:  # no loop (less to compile)
+    carry, out = step(carry, jax.lax.slice_in_dim(weight, 0, chunk_vocab, axis=vocab_axis), 0)
+    if out is not None:
+      outs.append(out)
+  elif full:
     carry, out = jax.lax.scan(body, carry, jnp.arange(full, dtype=jnp.int32))
     if out is not None:  # (full, chunk, H) or (full, H, chunk) -> along the vocabulary
       out = jnp.moveaxis(out, 0, vocab_axis)
