@@ -17,10 +17,10 @@ one-hot an iota compare), giving ``dh += g W`` and that chunk's rows of
 ``dW = g^T h``: one more head product than the plain loss. Where blocks of
 at least 128 tokens over the whole vocabulary fit in two chunks' logits
 (SmolLM2's 49,152 ids; not Gemma's 262,144) such shorter blocks instead take
-one pass over their full logits, the flops of the plain head. The backward pass just scales the saved ``dh``
-(and ``dW``) by the loss's cotangent. Peak memory holds one chunk of logits
-instead of several ``(tokens, vocab)`` buffers (logits, log-softmax, its
-gradient, the one-hot scatter). A final logit softcapping
+one pass over their full logits, the flops of the plain head. The backward
+pass just scales the saved ``dh`` (and ``dW``) by the loss's cotangent.
+Peak memory holds one chunk of logits instead of several ``(tokens, vocab)``
+buffers (logits, log-softmax, its gradient, the one-hot scatter). A final logit softcapping
 ``c * tanh(z / c)`` (Gemma's) is applied to each chunk, its derivative
 ``1 - tanh(z / c)**2`` taken from the same ``tanh`` and folded into the
 gradient.
@@ -144,7 +144,8 @@ def _online_softmax(h, y, weight, vocab_axis, dtype, softcap, chunk_vocab, with_
   acc0 = jnp.zeros((tokens, h.shape[1]) if with_dh else (), jnp.float32)
   carry = (jnp.full((tokens,), -jnp.inf, jnp.float32), zeros, zeros, zeros, acc0)
   (m, l, zy, dy, acc), _ = _over_vocab(step, carry, weight, vocab_axis, chunk_vocab)
-  return m + jnp.log(l), zy, (dy if softcap is not None else None), (acc / l[:, None] if with_dh else None)
+  dh = acc / l[:, None] if with_dh else None
+  return m + jnp.log(l), zy, (dy if softcap is not None else None), dh
 
 
 def _chunked(x, chunk):
@@ -174,7 +175,7 @@ def _fused(hidden, weight, labels, weights, vocab_axis, dtype, chunk, chunk_voca
 
 
 def _label_rows(weight, y, vocab_axis, dtype):
-  """The head's rows ``w_y`` of the labels, ``(tokens, H)``, rounded to ``dtype`` as the product sees them."""
+  """The head's rows ``w_y`` of the labels, ``(tokens, H)``, rounded to ``dtype``."""
   rows = jnp.take(weight, y, axis=vocab_axis)
   rows = rows if vocab_axis == 0 else rows.T
   return rows.astype(dtype).astype(jnp.float32)
@@ -190,7 +191,7 @@ def _block_dh(h, y, w, weight, vocab_axis, dtype, chunk_vocab, softcap):
 
 
 def _chunk_grads(h, y, w, wc, start, z, dz, lse, vocab_axis, dtype):
-  """``g = w_t (softmax(z) - onehot(y)) dz`` of one chunk: its share of ``dh`` and its rows of ``dW``."""
+  """One chunk's ``g = w_t (softmax(z) - onehot(y)) dz``: its part of ``dh``, its rows of ``dW``."""
   ids = jax.lax.broadcasted_iota(jnp.int32, z.shape, 1) + start
   g = jnp.exp(z - lse[:, None]) - (ids == y[:, None]).astype(jnp.float32)
   if dz is not None:
