@@ -1,5 +1,7 @@
 """The fused, chunked head + cross-entropy equals the plain one (values and gradients)."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,8 +16,8 @@ from peft_jax.models.fused_ce import linear_cross_entropy
 
 @pytest.mark.parametrize("vocab_axis", [0, 1])
 @pytest.mark.parametrize("masked", [False, True])
-@pytest.mark.parametrize("chunk", [3, 64])
-def test_matches_plain_loss_and_gradients(vocab_axis, masked, chunk):
+@pytest.mark.parametrize("chunk,chunk_vocab", [(3, 4), (64, 64)])  # 4: two chunks and a tail of 3
+def test_matches_plain_loss_and_gradients(vocab_axis, masked, chunk, chunk_vocab):
   rng = np.random.default_rng(0)
   h = jnp.asarray(rng.standard_normal((2, 5, 8)), jnp.float32)
   w = jnp.asarray(rng.standard_normal((8, 11) if vocab_axis else (11, 8)), jnp.float32)
@@ -26,7 +28,8 @@ def test_matches_plain_loss_and_gradients(vocab_axis, masked, chunk):
     return causal_lm_loss(h @ (w if vocab_axis else w.T), y, mask)
 
   def fused(h, w):
-    return linear_cross_entropy(h, w, y, mask, vocab_axis=vocab_axis, chunk_tokens=chunk)
+    return linear_cross_entropy(h, w, y, mask, vocab_axis=vocab_axis, chunk_tokens=chunk,
+                                chunk_vocab=chunk_vocab)
 
   want = jax.value_and_grad(plain, (0, 1))(h, w)
   got = jax.jit(jax.value_and_grad(fused, (0, 1)))(h, w)
@@ -43,7 +46,10 @@ def test_rejects_mismatched_head():
 
 
 @pytest.mark.parametrize("tied", [True, False])
-def test_train_step_loss_matches_unfused_and_holds_no_full_logits(tied):
+def test_train_step_loss_matches_unfused_and_holds_no_full_logits(tied, monkeypatch):
+  # Chunks of 256 ids: here the default chunk (8,192) would be the whole 256 x 2048 logits.
+  monkeypatch.setattr(training, "linear_cross_entropy",
+                      functools.partial(linear_cross_entropy, chunk_vocab=256))
   config = LlamaConfig.tiny(vocab_size=2048, tie_word_embeddings=tied)
   model = LlamaForCausalLM(config)
   params = init_params(config, jax.random.key(0))

@@ -33,12 +33,15 @@ def test_softcapped_head_matches_plain_loss_and_gradients():
     return causal_lm_loss(jnp.tanh((h @ w.T) / cap) * cap, y, mask)
 
   def fused(h, w):
-    return linear_cross_entropy(h, w, y, mask, vocab_axis=0, chunk_tokens=3, softcap=cap)
+    return linear_cross_entropy(h, w, y, mask, vocab_axis=0, chunk_tokens=3, softcap=cap,
+                                chunk_vocab=4)  # two chunks of 4 ids and a tail of 3
 
   want = jax.jit(jax.value_and_grad(plain, (0, 1)))(h, w)
   got = jax.jit(jax.value_and_grad(fused, (0, 1)))(h, w)
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-6)
+  # A frozen head (the one-pass path): the same gradient of the hidden states.
+  np.testing.assert_allclose(jax.jit(jax.grad(fused))(h, w), want[1][0], rtol=1e-5, atol=1e-6)
   uncapped = linear_cross_entropy(h, w, y, mask, vocab_axis=0)
   assert abs(float(uncapped) - float(want[0])) > 1e-2  # the cap changes the loss
 
@@ -62,7 +65,8 @@ def test_gemma_loss_matches_plain_values_and_gradients():
   mask = (jnp.arange(inputs.shape[1]) > 1).astype(jnp.int32)[None].repeat(2, 0)
   assert _plain_embedding(model) is not None
   plain = lambda mod: causal_lm_loss(mod(inputs), labels, mask)
-  fused = lambda mod: gemma3_lm_loss(mod, inputs, labels, mask, chunk_tokens=5)  # pads 18 -> 20
+  # Pads 18 -> 20 tokens; 256 ids in chunks of 100: two and a tail of 56.
+  fused = lambda mod: gemma3_lm_loss(mod, inputs, labels, mask, chunk_tokens=5, chunk_vocab=100)
   want = nnx.jit(nnx.value_and_grad(plain))(model)  # every param, the tied embedding too
   got = nnx.jit(nnx.value_and_grad(fused))(model)
   np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
@@ -85,7 +89,7 @@ def test_gemma_lora_step_matches_and_holds_no_full_logits():
     return jax.jit(step).lower(adapters, rest).compile()
 
   plain = compiled(lambda mod: causal_lm_loss(mod(inputs), labels))
-  fused = compiled(lambda mod: gemma3_lm_loss(mod, inputs, labels, chunk_tokens=32))
+  fused = compiled(lambda mod: gemma3_lm_loss(mod, inputs, labels, chunk_vocab=512))
   want, got = plain(adapters, rest), fused(adapters, rest)
   assert len(jax.tree.leaves(got[1])) == 2 * 2 * 2  # lora_a, lora_b of q and v in 2 layers
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):

@@ -6,8 +6,8 @@ its log-softmax, one-hot and gradient are as large again.
 :func:`gemma3_lm_loss` instead runs the decoder to its final norm and hands
 the hidden states and the tied embedding to
 :func:`peft_jax.models.fused_ce.linear_cross_entropy` (final logit
-softcapping included), which walks the tokens in chunks: the same loss and
-gradients, one chunk of logits alive at a time.
+softcapping included), which walks blocks of tokens against chunks of the
+vocabulary: the same loss and gradients, one chunk of logits alive at a time.
 
 Example::
 
@@ -20,15 +20,17 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from peft_jax.models.fused_ce import linear_cross_entropy
+from peft_jax.models.fused_ce import DEFAULT_CHUNK_TOKENS, DEFAULT_CHUNK_VOCAB, linear_cross_entropy
 from peft_jax.models.gemma3 import Gemma3ForCausalLM
 from peft_jax.models.llama import causal_lm_loss
 
 __all__ = ["GEMMA3_CHUNK_TOKENS", "gemma3_lm_loss"]
 
-# 32 tokens x 262,144 ids x 4 bytes = 32 MiB of logits per chunk; each chunk's
-# head product (32 x 640 x 262,144) is still a full-speed matmul.
-GEMMA3_CHUNK_TOKENS = 32
+# Token blocks of 512 against vocabulary chunks of 8,192 ids: 16 MiB of logits
+# per chunk, and every head product has the whole 4 x 128 batch as its rows
+# (fused_ce's defaults; 32-token blocks over the whole vocabulary took ~1.7x the
+# CPU time for the same flops, benchmarks/results/head.md).
+GEMMA3_CHUNK_TOKENS = DEFAULT_CHUNK_TOKENS
 
 
 def _plain_embedding(model: Gemma3ForCausalLM):
@@ -48,7 +50,8 @@ def _plain_embedding(model: Gemma3ForCausalLM):
 
 def gemma3_lm_loss(model: Gemma3ForCausalLM, input_ids: jax.Array, labels: jax.Array,
                    mask: jax.Array | None = None, *, attention_mask: jax.Array | None = None,
-                   chunk_tokens: int = GEMMA3_CHUNK_TOKENS) -> jax.Array:
+                   chunk_tokens: int = GEMMA3_CHUNK_TOKENS,
+                   chunk_vocab: int = DEFAULT_CHUNK_VOCAB) -> jax.Array:
   """Mean next-token cross-entropy of ``model`` on ``input_ids``, in float32.
 
   Equals ``causal_lm_loss(model(input_ids, attention_mask), labels, mask)``
@@ -63,7 +66,8 @@ def gemma3_lm_loss(model: Gemma3ForCausalLM, input_ids: jax.Array, labels: jax.A
       follows input t).
     mask: optional ``(batch, seq)`` weights of the tokens that count.
     attention_mask: optional ``(batch, seq)``, 0 for padded keys.
-    chunk_tokens: tokens per chunk of the fused head.
+    chunk_tokens: tokens per block of the fused head.
+    chunk_vocab: vocabulary ids per chunk of the fused head.
 
   Returns:
     The scalar loss.
@@ -74,4 +78,5 @@ def gemma3_lm_loss(model: Gemma3ForCausalLM, input_ids: jax.Array, labels: jax.A
   hidden = model.model(input_ids, attention_mask)
   return linear_cross_entropy(hidden, weight, labels, mask, vocab_axis=0,
                               dtype=model.config.dtype, chunk_tokens=chunk_tokens,
-                              softcap=model.config.final_logit_softcapping)
+                              softcap=model.config.final_logit_softcapping,
+                              chunk_vocab=chunk_vocab)
