@@ -181,7 +181,7 @@ class Theirs:
     import peft  # pylint: disable=import-outside-toplevel
     torch.set_num_threads(threads)
     model = transformers.AutoModelForCausalLM.from_pretrained(workdir / "hf",
-                                                              torch_dtype=torch.float32)
+                                                              dtype=torch.float32)
     model = peft.get_peft_model(model, peft.LoraConfig(
         r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
         task_type="CAUSAL_LM"))
@@ -211,7 +211,7 @@ class Theirs:
     return loss
 
   def value(self) -> float:
-    return float(self._loss())
+    return float(self._loss().detach())
 
   def grad_norm(self) -> float:
     loss = self._loss()
