@@ -49,7 +49,8 @@ NAME = "gemma_body"
 # Source functions of the model -> the part they belong to (first match wins).
 PARTS = (("Gemma3RMSNorm", "RMSNorm"), ("apply_rotary", "rotary"),
          ("_rotary_cos_sin", "rotary"), ("Gemma3Attention", "attention"),
-         ("einsum_lora", "LoRA"), ("_adapted_single", "LoRA"), ("Linear.__call__", "projection"),
+         ("einsum_lora", "LoRA"), ("_matrix_lora", "LoRA"), ("_adapted_single", "LoRA"),
+         ("Linear.__call__", "projection"),
          ("Gemma3MLP", "GeGLU"), ("Embed.", "embedding"), ("Gemma3Model", "body"),
          ("_body_loss", "scalar"))
 

@@ -48,6 +48,7 @@ _LAYOUT_OPS = {"copy", "transpose", "bitcast", "slice", "concatenate", "reshape"
                "get-tuple-element", "iota"}
 _PARTS = (("/fused_ce.py", "head+CE"), ("LlamaRMSNorm", "RMSNorm"), ("apply_rotary", "rotary"),
           ("rotary_cos_sin", "rotary"), ("LlamaAttention", "attention"), ("einsum_lora", "LoRA"),
+          ("_matrix_lora", "LoRA"),
           ("_Interceptor._adapted", "LoRA"), ("Dense.__call__", "projection"),
           ("peft_jax/quant/", "NF4 matmul"), ("LlamaMLP", "SwiGLU"),
           ("Embed.", "embedding"), ("/optax/", "optimizer"), ("peft_jax/training.py", "step"))
