@@ -268,7 +268,6 @@ def ours_gemma_child(args) -> None:
     raise SystemExit(f"gemma3-270m has no {args.method!r} row (only {MODELS['gemma3-270m'][1]}).")
   optimizer = nnx.Optimizer(model, optax.adamw(LR[args.method], weight_decay=0.0),
                             wrt=pj.nnx.Adapter)
-  diff = nnx.DiffState(0, pj.nnx.Adapter)
 
   def loss_fn(m, inputs, labels):
     return gemma3_lm_loss(m, inputs, labels)
@@ -279,16 +278,21 @@ def ours_gemma_child(args) -> None:
   peak_rss = _peak_rss()  # before the phase programs below add their own buffers
   window = windows[0]
   inputs, labels = window[:, :-1], window[:, 1:]
-  forward = nnx.jit(loss_fn)
-  forward_backward = nnx.jit(nnx.value_and_grad(loss_fn, argnums=diff))
-  _, grads = forward_backward(model, inputs, labels)
+  # The forward and backward phases are `jax.jit` over split state: an undonated
+  # `nnx.jit` returns (copies) every variable of the model, ~1 GB per call
+  # (benchmarks/bench_gemma_body.py), which the real, donated step does not.
+  graphdef, adapters, rest = nnx.split(model, pj.nnx.Adapter, ...)
+  split_loss = lambda adapters, rest, *batch: loss_fn(nnx.merge(graphdef, adapters, rest), *batch)
+  forward = jax.jit(split_loss)
+  forward_backward = jax.jit(jax.value_and_grad(split_loss))
+  _, grads = forward_backward(adapters, rest, inputs, labels)
 
   @nnx.jit
   def update(optimizer, model, grads):
     optimizer.update(model, grads)  # moves the adapters: the timed steps are over
 
-  runs = {"forward": lambda: forward(model, inputs, labels),
-          "forward_backward": lambda: forward_backward(model, inputs, labels),
+  runs = {"forward": lambda: forward(adapters, rest, inputs, labels),
+          "forward_backward": lambda: forward_backward(adapters, rest, inputs, labels),
           "optimizer": lambda: update(optimizer, model, grads)}
   _report(args, seconds, losses, _time_phases(jax, runs, args.timed), peak_rss, load_start)
 

@@ -48,6 +48,7 @@ _LAYOUT_OPS = {"copy", "transpose", "bitcast", "slice", "concatenate", "reshape"
                "get-tuple-element", "iota"}
 _PARTS = (("/fused_ce.py", "head+CE"), ("LlamaRMSNorm", "RMSNorm"), ("apply_rotary", "rotary"),
           ("rotary_cos_sin", "rotary"), ("LlamaAttention", "attention"), ("einsum_lora", "LoRA"),
+          ("_matrix_lora", "LoRA"),
           ("_Interceptor._adapted", "LoRA"), ("Dense.__call__", "projection"),
           ("peft_jax/quant/", "NF4 matmul"), ("LlamaMLP", "SwiGLU"),
           ("Embed.", "embedding"), ("/optax/", "optimizer"), ("peft_jax/training.py", "step"))
@@ -111,8 +112,9 @@ def _frame_tables(text: str) -> dict:
   return frames
 
 
-def classify(info: dict, frames: dict) -> tuple[str, str, str]:
-  """``(part, direction, kind)`` of one HLO instruction."""
+def classify(info: dict, frames: dict, parts=_PARTS) -> tuple[str, str, str]:
+  """``(part, direction, kind)`` of one HLO instruction (``parts``: (source key, label)
+  pairs, first match wins)."""
   op_name = info["op_name"]
   where = frames.get(info["frame"], "") if info["frame"] is not None else ""
   direction = ("backward" if "transpose(" in op_name else
@@ -126,7 +128,7 @@ def classify(info: dict, frames: dict) -> tuple[str, str, str]:
     kind = "copy/transpose"
   else:
     kind = "elementwise/reduce"
-  part = next((label for key, label in _PARTS if key in where or key in op_name), None)
+  part = next((label for key, label in parts if key in where or key in op_name), None)
   if part is None:
     part = where.split(":")[-1] or (op_name.split("/")[-1] if op_name else info["opcode"])
   if part == "head+CE":
@@ -157,6 +159,22 @@ def self_times(xplane: str, names: set[str]) -> tuple[dict, dict]:
         stack.append([end, name, 0, end - start])
       close(float("inf"))
   return per_op, per_thread
+
+
+def tabulate(per_op: dict, hlo: dict, steps: int, parts=_PARTS) -> tuple[list, list]:
+  """``(rows [part, direction, kind, ms per step, ops], ops slowest first)`` of a trace."""
+  rows = collections.defaultdict(lambda: [0.0, 0])
+  ops = []
+  for name, ns in per_op.items():
+    info = hlo["instrs"][name]
+    part, direction, kind = classify(info, hlo["frames"], parts)
+    ms = ns / 1e6 / steps
+    rows[(part, direction, kind)][0] += ms
+    rows[(part, direction, kind)][1] += 1
+    ops.append({"name": name, "ms": ms, "part": part, "direction": direction, "kind": kind,
+                "op_name": info["op_name"][-90:]})
+  ops.sort(key=lambda r: -r["ms"])
+  return sorted(([*k, ms, n] for k, (ms, n) in rows.items()), key=lambda r: -r[3]), ops
 
 
 def build(method: str, layers: int, batch: int, seq: int,
@@ -225,24 +243,13 @@ def profile(method: str, layers: int, steps: int, batch: int = 4, seq: int = 128
     xplane = glob.glob(os.path.join(tmp, "**", "*.xplane.pb"), recursive=True)[-1]
     per_op, per_thread = self_times(xplane, set(hlo["instrs"]))
   memory = compiled.memory_analysis()
-  rows = collections.defaultdict(lambda: [0.0, 0])
-  ops = []
-  for name, ns in per_op.items():
-    info = hlo["instrs"][name]
-    part, direction, kind = classify(info, hlo["frames"])
-    ms = ns / 1e6 / steps
-    rows[(part, direction, kind)][0] += ms
-    rows[(part, direction, kind)][1] += 1
-    ops.append({"name": name, "ms": ms, "part": part, "direction": direction, "kind": kind,
-                "op_name": info["op_name"][-90:]})
-  ops.sort(key=lambda r: -r["ms"])
+  table, ops = tabulate(per_op, hlo, steps)
   return {"method": method, "layers": layers, "steps": steps, "compile_s": compile_s,
           "step_wall_ms": 1e3 * statistics.median(walls), "loss": float(loss),
           "temp_mib": memory.temp_size_in_bytes / 2**20,
           "thread_busy_ms": {k: v / 1e6 / steps for k, v in per_thread.items()},
           "op_total_ms": sum(per_op.values()) / 1e6 / steps,
-          "table": sorted(([*k, ms, n] for k, (ms, n) in rows.items()), key=lambda r: -r[3]),
-          "ops": ops, "load": os.getloadavg()}
+          "table": table, "ops": ops, "load": os.getloadavg()}
 
 
 def render(result: dict, top: int = 25) -> str:

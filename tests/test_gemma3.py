@@ -74,6 +74,35 @@ def test_local_layers_see_only_the_window():
     assert float(jnp.abs(model(ids) - model(changed))[0, -1].max()) > 1e-6
 
 
+def test_default_positions_use_constant_tables_with_the_same_logits_and_gradients():
+    # Default positions read NumPy cos/sin tables (constants, not fused into every
+    # consumer); explicit positions trace them. Both give the same numbers.
+    config = Gemma3Config.tiny(
+        num_hidden_layers=2, layer_types=(SLIDING_ATTENTION, FULL_ATTENTION)
+    )
+    graphdef, params = nnx.split(Gemma3ForCausalLM(config, rngs=nnx.Rngs(0)), nnx.Param)
+    leaves, treedef = jax.tree.flatten(params)
+    keys = jax.random.split(jax.random.key(1), len(leaves))
+    params = jax.tree.unflatten(
+        treedef, [0.5 * jax.random.normal(k, w.shape) for k, w in zip(keys, leaves)]
+    )
+    ids = jnp.arange(5, 14)[None]
+
+    def loss(params, positions):
+        logits = nnx.merge(graphdef, params)(ids, positions=positions)
+        return jnp.sum(jnp.sin(logits)), logits
+
+    traced = jax.jit(jax.grad(loss, has_aux=True))
+    g_default, l_default = jax.jit(jax.grad(loss, has_aux=True), static_argnums=1)(params, None)
+    g_traced, l_traced = traced(params, jnp.arange(9))
+    np.testing.assert_allclose(np.asarray(l_default), np.asarray(l_traced), atol=2e-5)
+    for a, b in zip(jax.tree.leaves(g_default), jax.tree.leaves(g_traced)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-4, rtol=1e-4)
+    # Other relative distances change the numbers: the comparison above can fail.
+    stretched = traced(params, 2 * jnp.arange(9))[1]
+    assert float(jnp.abs(stretched - l_default).max()) > 1e-3
+
+
 def test_params_round_trip_and_shape_errors():
     config = Gemma3Config.tiny()
     model = Gemma3ForCausalLM(config, rngs=nnx.Rngs(0))

@@ -502,3 +502,26 @@ def test_config_json_round_trip_and_version():
     pj.lora.config_from_dict(d)
   assert hash(config) == hash(pj.DoRAConfig(rank=4, alpha=8.0, target_modules=["q_proj"],
                                             rank_pattern={"q": 2}))
+
+
+def test_matrix_lora_gradients_equal_the_einsum_ones():
+  # A plain (in, out) kernel takes the matrix-product path with its own VJP (dB = h^T g,
+  # no transposed copy of g); its value and gradients are the einsum path's.
+  from peft_jax.lora import terms  # pylint: disable=import-outside-toplevel
+  keys = jax.random.split(jax.random.key(0), 4)
+  x = jax.random.normal(keys[0], (2, 5, 6))
+  a, b = jax.random.normal(keys[1], (6, 3)), jax.random.normal(keys[2], (3, 4))
+  weights = jax.random.normal(keys[3], (2, 5, 4))
+
+  def loss(x, a, b, plain):
+    if plain:
+      y = terms.einsum_lora(x, a, b, "...i", "io", "...o")[0]
+    else:
+      y = jnp.einsum("...z,zo->...o", jnp.einsum("...i,iz->...z", x, a), b)
+    return jnp.sum(jnp.sin(y) * weights)
+
+  assert "custom_vjp_call" in str(jax.make_jaxpr(loss, static_argnums=3)(x, a, b, True))
+  got = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b, True)
+  want = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, a, b, False)
+  for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-5, atol=1e-5)

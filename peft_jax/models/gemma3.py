@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from peft_jax.models.llama import apply_rotary
+from peft_jax.models.llama import _default_rotary_tables, apply_rotary
 
 __all__ = [
     "FULL_ATTENTION",
@@ -420,6 +420,22 @@ def _rotary_cos_sin(
     return jnp.cos(angles), jnp.sin(angles)
 
 
+def _rotary(
+    positions: jax.Array, default: bool, head_dim: int, theta: float, scaling_factor: float
+) -> tuple[jax.Array, jax.Array]:
+    """cos/sin tables; for the default positions `0 .. seq-1` NumPy constants.
+
+    Traced, cos/sin of an iota were fused into every consumer by XLA: each
+    element of every query and key (and of their gradients) recomputed two
+    transcendentals in each of the 18 layers (270M LoRA body, forward +
+    backward: ~0.5 s of op time per call; see `benchmarks/bench_gemma_body.py`).
+    """
+    if default and scaling_factor == 1.0:
+        cos, sin = _default_rotary_tables(positions.shape[-1], head_dim, theta)
+        return jnp.asarray(cos), jnp.asarray(sin)
+    return _rotary_cos_sin(positions, head_dim, theta, scaling_factor)
+
+
 class Gemma3Model(nnx.Module):
     """Scaled token embedding, decoder layers and the final norm."""
 
@@ -449,6 +465,7 @@ class Gemma3Model(nnx.Module):
         """Final-norm hidden states (batch, seq, hidden); arguments as `Gemma3ForCausalLM`."""
         config = self.config
         seq = input_ids.shape[-1]
+        default_positions = positions is None
         if positions is None:
             positions = jnp.arange(seq)
         positions = jnp.broadcast_to(positions, input_ids.shape)
@@ -465,11 +482,12 @@ class Gemma3Model(nnx.Module):
             keys = attention_mask.astype(bool)[:, None, None, None, :]
             masks = {kind: mask & keys for kind, mask in masks.items()}
         rotary = {
-            FULL_ATTENTION: _rotary_cos_sin(
-                positions, config.head_dim, config.rope_theta, config.rope_scaling_factor
+            FULL_ATTENTION: _rotary(
+                positions, default_positions, config.head_dim, config.rope_theta,
+                config.rope_scaling_factor,
             ),
-            SLIDING_ATTENTION: _rotary_cos_sin(
-                positions, config.head_dim, config.rope_local_theta, 1.0
+            SLIDING_ATTENTION: _rotary(
+                positions, default_positions, config.head_dim, config.rope_local_theta, 1.0
             ),
         }
 
