@@ -104,3 +104,13 @@ def test_train_step_does_not_retrace():
     state, loss = step(state, {}, tokens[:, :-1], tokens[:, 1:], jax.random.key(i))
   assert np.isfinite(float(loss))
   assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+@pytest.mark.parametrize("kwargs", [{"chunk_tokens": 0}, {"chunk_vocab": 0}, {"chunk_vocab": -8}])
+def test_non_positive_chunk_sizes_are_errors(kwargs):
+  hidden = jnp.zeros((2, 3, 4), jnp.float32)
+  head = jnp.zeros((4, 5), jnp.float32)
+  labels = jnp.zeros((2, 3), jnp.int32)
+  name = next(iter(kwargs))
+  with pytest.raises(ValueError, match=name):
+    linear_cross_entropy(hidden, head, labels, **kwargs)

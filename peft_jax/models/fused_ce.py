@@ -309,6 +309,9 @@ def linear_cross_entropy(hidden: jax.Array, weight: jax.Array, labels: jax.Array
     weights = jnp.ones(flat_y.shape, jnp.float32)
   else:
     weights = mask.reshape(-1).astype(jnp.float32)
+  for name, value in (("chunk_tokens", chunk_tokens), ("chunk_vocab", chunk_vocab)):
+    if int(value) < 1:
+      raise ValueError(f"{name} must be a positive number of rows; got {value!r}.")
   chunk = max(1, min(int(chunk_tokens), flat_y.shape[0]))
   chunk_vocab = max(1, min(int(chunk_vocab), weight.shape[vocab_axis]))
   softcap = None if softcap is None else float(softcap)
